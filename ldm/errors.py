@@ -1,0 +1,8 @@
+"""User-facing errors: one clear message naming the file, key or value and the fix."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, path, data) that we explain instead of a traceback.
+
+    The entry points (`train.py`, `sample.py`, `python -m ldm...`) catch it and print only the message.
+    """

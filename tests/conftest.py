@@ -1,0 +1,21 @@
+"""Shared fixtures: CPU-only, tiny, offline."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The CompVis golden outputs in ../shared/reference (skipped with a reason when absent)."""
+    if not (REFERENCE_DIR / "sd_v1_tiny.safetensors").is_file():
+        pytest.skip(f"CompVis reference outputs not found at {REFERENCE_DIR} (see its README)")
+    return REFERENCE_DIR
