@@ -1,0 +1,258 @@
+"""Training-step benchmark: ldm's UNetModel against diffusers' UNet2DConditionModel of the same size.
+
+One step = forward + MSE loss + backward + AdamW step, identical inputs for both models. Each model runs
+in its own fresh subprocess (one after the other) so its peak memory is its own:
+
+- CUDA: `torch.cuda.max_memory_allocated()` over the warmup and timed steps (weights, gradients, AdamW
+  state and activations; no allocator cache).
+- CPU: growth of the process's peak resident set (`getrusage(RUSAGE_SELF).ru_maxrss`) over its RSS
+  after imports and before the model is built; it also counts allocator slack, so compare the two
+  numbers with each other rather than with a byte count of tensors.
+
+FLOPs per step come from `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention;
+forward and backward); with `--peak-tflops` the model FLOPs utilisation is FLOPs / step time / peak.
+
+    python bench/bench_unet.py                                  # small model, CPU, ~1-2 min on 2 cores
+    python bench/bench_unet.py --device cuda --dtype bf16 --size sd --batch-size 8 --resolution 512 \
+        --peak-tflops 989                                      # H100 SXM dense bf16
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers is built from a config; nothing is downloaded
+
+# Model sizes: the same architecture in both libraries. `sd` is Stable Diffusion v1 (859,520,964 params).
+SIZES = {
+    "tiny": dict(model_channels=32, channel_mult=(1, 1, 2, 2), num_heads=4, context_dim=64),
+    "small": dict(model_channels=64, channel_mult=(1, 2, 4, 4), num_heads=4, context_dim=256),
+    "sd": dict(model_channels=320, channel_mult=(1, 2, 4, 4), num_heads=8, context_dim=768),
+}
+COMMON = dict(in_channels=4, out_channels=4, num_res_blocks=2, attention_resolutions=(4, 2, 1))
+CONTEXT_LEN = 77  # CLIP text tokens, as in SD
+LATENT_FACTOR = 8  # the SD autoencoder downsamples images 8x
+PROTOCOL = "@bench "  # prefix of the lines a child sends back (libraries may print too)
+
+
+def build_ours(size: str):
+    from ldm.modules.unet import UNetModel
+
+    return UNetModel(**COMMON, **SIZES[size], transformer_depth=1, legacy=False)
+
+
+def build_diffusers(size: str, latent: int):
+    from diffusers import UNet2DConditionModel
+
+    cfg = {**COMMON, **SIZES[size]}
+    attn_levels = [2**level in cfg["attention_resolutions"] for level in range(len(cfg["channel_mult"]))]
+    return UNet2DConditionModel(
+        sample_size=latent,
+        in_channels=cfg["in_channels"],
+        out_channels=cfg["out_channels"],
+        block_out_channels=[cfg["model_channels"] * m for m in cfg["channel_mult"]],
+        layers_per_block=cfg["num_res_blocks"],
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn_levels],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_levels)],
+        attention_head_dim=cfg["num_heads"],  # diffusers' historical name for the number of heads
+        cross_attention_dim=cfg["context_dim"],
+        norm_num_groups=32,
+        flip_sin_to_cos=True,  # [cos, sin] order and zero frequency shift, as CompVis
+        freq_shift=0,
+    )
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Child process: build one model, then answer `step` (time one training step) and `finish` lines."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import diffusers  # noqa: F401  (both children pay the same imports before the memory baseline)
+    import ldm.modules.unet  # noqa: F401
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    rss_before = current_rss_bytes()
+    torch.manual_seed(0)
+    latent = args.resolution // LATENT_FACTOR
+    if args.only == "ours":
+        model = build_ours(args.size)
+        call = lambda x, t, c: model(x, t, c)
+    else:
+        model = build_diffusers(args.size, latent)
+        call = lambda x, t, c: model(x, t, encoder_hidden_states=c).sample
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    gen = torch.Generator().manual_seed(1)  # identical inputs for both models
+    b, ctx_dim = args.batch_size, SIZES[args.size]["context_dim"]
+    x = torch.randn(b, 4, latent, latent, generator=gen).to(device)
+    t = torch.randint(0, 1000, (b,), generator=gen).to(device)
+    context = torch.randn(b, CONTEXT_LEN, ctx_dim, generator=gen).to(device)
+    target = torch.randn(b, 4, latent, latent, generator=gen).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def forward_backward() -> None:
+        with autocast:
+            loss = F.mse_loss(call(x, t, context).float(), target)
+        loss.backward()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    reply("ready")
+    for command in sys.stdin:
+        if command.strip() == "step":
+            sync()
+            start = time.perf_counter()
+            forward_backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            reply(str(time.perf_counter() - start))
+        else:  # finish
+            break
+    if cuda:
+        peak_mem = torch.cuda.max_memory_allocated(device)
+    else:
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    with FlopCounterMode(display=False) as counter:  # after timing, so it cannot disturb it
+        forward_backward()
+    params = sum(p.numel() for p in model.parameters())
+    reply(json.dumps(dict(params=params, peak_mem=peak_mem, flops=counter.get_total_flops(),
+                          threads=torch.get_num_threads())))  # fmt: skip
+
+
+def reply(line: str) -> None:
+    print(PROTOCOL + line, flush=True)
+
+
+class Child:
+    """One model in its own process, driven line by line so the parent can interleave the two."""
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        cmd = [sys.executable, __file__, *argv, "--only", name]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env
+        )
+        self.read()  # "ready"
+
+    def read(self) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(PROTOCOL):
+                return line[len(PROTOCOL) :].strip()
+        self.stderr.seek(0)
+        sys.exit(f"the {self.name} benchmark process failed:\n{self.stderr.read()[-4000:]}")
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return float(self.read())
+
+    def finish(self) -> dict:
+        self.proc.stdin.write("finish\n")
+        self.proc.stdin.flush()
+        result = json.loads(self.read())
+        self.proc.wait()
+        return result
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict[str, dict]:
+    """Time both models: interleaved step by step on CPU, one after the other on CUDA."""
+    names = ("ours", "diffusers")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    results = {}
+    total = args.warmup + args.steps
+    if args.device.startswith("cuda"):
+        # A dedicated GPU is not shared, and two resident models could exhaust its memory.
+        for name in names:
+            child = Child(name, argv)
+            times[name] = [child.step() for _ in range(total)]
+            results[name] = child.finish()
+    else:
+        # CPU cores are often shared: alternating steps (ABBA...) exposes both models to the same load.
+        children = {name: Child(name, argv) for name in names}
+        for i in range(total):
+            for name in names if i % 2 == 0 else names[::-1]:
+                times[name].append(children[name].step())
+        results = {name: child.finish() for name, child in children.items()}
+    for name, result in results.items():
+        result["step_s"] = statistics.median(times[name][args.warmup :])
+        result["images_per_s"] = args.batch_size / result["step_s"]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bf16"], help="bf16: autocast")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=256, help="image side in pixels; latent = /8")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--size", default="small", choices=sorted(SIZES))
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU estimate")
+    parser.add_argument("--only", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # child process
+    args = parser.parse_args()
+    if args.resolution % LATENT_FACTOR:
+        parser.error(f"--resolution {args.resolution} must be a multiple of {LATENT_FACTOR}")
+
+    if args.only:
+        serve(args)
+        return
+
+    results = run(args, sys.argv[1:])
+    ours, theirs = results["ours"], results["diffusers"]
+    latent = args.resolution // LATENT_FACTOR
+    print(
+        f"UNet training step (fwd + MSE + bwd + AdamW), size={args.size}, device={args.device}, "
+        f"dtype={args.dtype}, batch={args.batch_size}, image {args.resolution}px -> latent {latent}x{latent}, "
+        f"context {CONTEXT_LEN}x{SIZES[args.size]['context_dim']}, median of {args.steps} steps "
+        f"after {args.warmup} warmup, torch threads={ours['threads']}"
+    )
+    mem_kind = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS growth"
+    header = f"{'model':<10} {'params':>13} {'img/s':>9} {'step ms':>10} {mem_kind + ' MiB':>24} {'GFLOP/step':>11}"
+    print(header + (f" {'TFLOP/s':>8} {'MFU':>6}" if args.peak_tflops else f" {'TFLOP/s':>8}"))
+    for name, r in results.items():
+        tflops = r["flops"] / r["step_s"] / 1e12
+        line = (
+            f"{name:<10} {r['params']:>13,} {r['images_per_s']:>9.3f} {r['step_s'] * 1e3:>10.1f} "
+            f"{r['peak_mem'] / 2**20:>24.1f} {r['flops'] / 1e9:>11.1f} {tflops:>8.3f}"
+        )
+        if args.peak_tflops:
+            line += f" {tflops / args.peak_tflops:>6.1%}"
+        print(line)
+    print(
+        f"ratio ours/diffusers: throughput {ours['images_per_s'] / theirs['images_per_s']:.3f}x, "
+        f"peak memory {ours['peak_mem'] / theirs['peak_mem']:.3f}x"
+    )
+    # Same architecture: the counts must agree (they are identical for every size here).
+    assert abs(ours["params"] - theirs["params"]) <= 1e-3 * theirs["params"], (
+        ours["params"],
+        theirs["params"],
+    )
+
+
+if __name__ == "__main__":
+    main()

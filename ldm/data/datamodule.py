@@ -1,0 +1,201 @@
+"""LightningDataModule over WebDataset shards (`conf/data/*.yaml` instantiate `ShardDataModule`)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+
+import pytorch_lightning as pl
+import webdataset as wds
+
+from ldm.data.loader import ResumableLoader, default_pin_memory
+from ldm.data.pipeline import MissingFieldError, PipelineOptions, ShardStream, decode_sample
+from ldm.data.shards import check_split, expand_shards, is_local, shard_counts, world_info
+from ldm.data.transforms import Compose
+from ldm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def build_task(task) -> Callable[[dict], dict] | None:
+    """A task transform from an object, a `_target_` config, or a list of them (applied in order)."""
+    if task is None:
+        return None
+    if callable(task):
+        return task
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(task, (list, tuple, ListConfig)):
+        return Compose([build_task(t) for t in task])
+    if isinstance(task, (dict, DictConfig)):
+        from hydra.utils import instantiate
+
+        cfg = OmegaConf.create(task) if isinstance(task, dict) else task
+        if "_target_" not in cfg:
+            raise UserError(
+                f"data.task needs a _target_ (e.g. ldm.data.masks.InpaintingMask); got {dict(cfg)}"
+            )
+        return instantiate(cfg)
+    raise UserError(f"data.task={task!r}: expected null, a _target_ config or a list of them")
+
+
+def check_shards(urls: Sequence[str], opts: PipelineOptions, name: str, max_shards: int = 3) -> None:
+    """Read the first sample of the first local shards: fail now on empty data or a key that is missing."""
+    counts = shard_counts(urls)
+    if counts is not None and sum(counts) == 0:
+        raise UserError(f"data.{name}: the manifest lists 0 samples in {len(urls)} shard(s) ({urls[0]}, ...)")
+    local = [u for u in urls if is_local(u)][:max_shards]
+    for url in local:
+        errors: list[BaseException] = []
+        stream = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=errors.append))
+        raw = next(iter(stream), None)
+        if raw is None:
+            continue
+        try:
+            decode_sample(raw, opts, train=False, rng=None)
+        except MissingFieldError as e:
+            raise UserError(f"data.{name}: {e}") from None
+        except Exception as e:  # a corrupt first sample is skipped during training like any other
+            log.warning("data.%s: first sample of %s is unreadable (%s); it will be skipped", name, url, e)
+        return
+    if local and len(local) == len(urls):
+        raise UserError(
+            f"data.{name}: no readable sample in {len(urls)} shard(s) ({urls[0]}, ...); are they empty?"
+        )
+    if local:
+        warnings.warn(f"data.{name}: the first {len(local)} shards hold no readable sample", stacklevel=2)
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Train/val batches from WebDataset shards, per the shared batch contract; resumable mid-epoch.
+
+    Loader settings are arguments; decoding/augmentation options (resolution, crop, flip, keys,
+    caption_key, label_key, segmap_key, image_key, num_classes, latents, shuffle_buffer) go to
+    `PipelineOptions` through **options, so Hydra configs stay flat (`data.resolution=128`).
+    """
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str] | None,
+        val_shards: str | Sequence[str] | None = None,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        task=None,  # a callable(sample) -> sample, a _target_ config or a list of them; null = none
+        seed: int = 0,  # the stream is a function of (seed, epoch, rank, worker)
+        resampled: bool = False,  # sample shards with replacement (multi-node: pair with epoch_length)
+        epoch_length: int | None = None,  # samples per rank per epoch; equal batch counts on all ranks
+        val_batch_size: int | None = None,  # default: batch_size
+        timeout: float = 300.0,  # seconds a loader worker may take for one batch before we error out
+        **options,
+    ) -> None:
+        super().__init__()
+        names = {f.name for f in fields(PipelineOptions)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise UserError(
+                f"data: unknown option(s) {unknown}; known: {sorted(names | {'train_shards', 'val_shards'})}"
+            )
+        if options.get("keys") is not None:
+            options["keys"] = list(options["keys"])
+        self.options = PipelineOptions(**options)
+        self.train_spec, self.val_spec = train_shards, val_shards
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.val_batch_size = int(val_batch_size or batch_size)
+        self.seed, self.resampled, self.timeout = int(seed), bool(resampled), float(timeout)
+        self.epoch_length = int(epoch_length) if epoch_length else None
+        self.task = build_task(task)
+        self.train_urls: list[str] | None = None
+        self.val_urls: list[str] | None = None
+        self._train_loader: ResumableLoader | None = None
+        self._pending: dict | None = None
+        self._skipped = mp.Value("q", 0)  # bad samples skipped, summed over all workers of this rank
+
+    # --- setup ------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve and check the shard specs before training starts (UserError on nothing to read)."""
+        if stage in (None, "fit") and self.train_urls is None:
+            self.train_urls = expand_shards(self.train_spec, "train_shards")
+            check_shards(self.train_urls, self.options, "train_shards")
+            rank, world = world_info()
+            if not self.resampled:
+                check_split(len(self.train_urls), world, self.num_workers, "train_shards")
+                if world > 1 and not self.epoch_length:
+                    warnings.warn(
+                        "data: ranks read different shards, so they may get different batch counts and DDP "
+                        "can stall at the epoch end; set data.epoch_length (samples per rank per epoch).",
+                        stacklevel=2,
+                    )
+        if stage in (None, "fit", "validate") and self.val_spec and self.val_urls is None:
+            self.val_urls = expand_shards(self.val_spec, "val_shards")
+            check_shards(self.val_urls, self.options, "val_shards")
+
+    # --- loaders ----------------------------------------------------------------------------------
+    def _current_epoch(self) -> int | None:
+        trainer = self._trainer_or_none()
+        return None if trainer is None else trainer.current_epoch
+
+    def _trainer_or_none(self):
+        return getattr(self, "trainer", None)
+
+    def train_dataloader(self) -> ResumableLoader:
+        if self.train_urls is None:
+            self.setup("fit")
+        stream = ShardStream(
+            self.train_urls,
+            self.options,
+            self.batch_size,
+            train=True,
+            seed=self.seed,
+            resampled=self.resampled,
+            epoch_length=self.epoch_length,
+            task=self.task,
+            skipped=self._skipped,
+        )
+        loader = ResumableLoader(
+            stream, self.num_workers, self.timeout, self._current_epoch, default_pin_memory()
+        )
+        if self._pending is not None:
+            loader.load_state(self._pending)
+            self._pending = None
+        self._train_loader = loader
+        return loader
+
+    def val_dataloader(self) -> ResumableLoader | list:
+        if self.val_spec and self.val_urls is None:
+            self.setup("validate")
+        if not self.val_urls:
+            return []  # Lightning skips validation
+        stream = ShardStream(
+            self.val_urls, self.options, self.val_batch_size, train=False, seed=self.seed, task=self.task
+        )
+        return ResumableLoader(
+            stream, self.num_workers, self.timeout, None, default_pin_memory(), name="val_shards"
+        )
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+    @property
+    def skipped(self) -> int:
+        """Bad samples (corrupt, truncated, missing a key) skipped so far on this rank, all workers."""
+        return int(self._skipped.value)
+
+    def state_dict(self) -> dict:
+        """Where the training stream stands: Lightning stores this in checkpoints."""
+        loader = self._train_loader
+        if loader is None or loader.epoch is None:
+            return {"loader": self._pending} if self._pending else {}
+        trainer, done = self._trainer_or_none(), None
+        if trainer is not None and trainer.state.fn == "fit":
+            # Batches trained on in this epoch; the loader itself has already prefetched further ahead.
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"loader": loader.state_at(done), "skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume the training stream where `state_dict()` left it (applied at the next epoch start)."""
+        self._skipped.value = int(state_dict.get("skipped", 0))
+        self._pending = state_dict.get("loader")
+        if self._train_loader is not None and self._pending is not None:
+            self._train_loader.load_state(self._pending)
+            self._pending = None

@@ -1,0 +1,320 @@
+"""The WebDataset stream: shards -> raw samples -> decoded, cropped, task-transformed batches.
+
+Each (rank, worker) reads its own slice of the shard list and batches inside the worker, so a batch is
+a deterministic function of (seed, epoch, rank, worker, position). Every batch carries private
+bookkeeping (`__worker__`, `__consumed__`, `__emitted__`) that `ResumableLoader` strips and keeps to
+resume mid-epoch without decoding the samples it skips.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from ldm.data.shards import mix_seed, split_by_rank, split_by_worker
+from ldm.data.transforms import RNG_KEY, choose_crop, crop_resize, open_image, to_tensor
+from ldm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # tried in this order when image_key is null
+LATENT_MEMBERS = {
+    "latent_mean": "latent_mean.npy",
+    "latent_logvar": "latent_logvar.npy",
+    "latent": "latent.npy",
+}
+FIELDS = ("image", "caption", "label", "segmap", "caption_emb")
+MAX_CONSECUTIVE_ERRORS = 200  # this many bad samples in a row is a config mistake, not corrupt data
+
+
+class SampleError(Exception):
+    """A sample that cannot be used (corrupt member, missing key): skipped with a warning and counted."""
+
+
+class MissingFieldError(SampleError):
+    """A sample lacks a member the config asks for (names the key and the shard)."""
+
+
+@dataclass
+class PipelineOptions:
+    """How samples are decoded and augmented (the flat `data.*` keys other than loader settings)."""
+
+    resolution: int = 64  # output side: shortest side resized to this, then a square crop
+    crop: str = "random"  # random | center (validation always centre-crops)
+    flip: bool = True  # random horizontal flip in training (not applied to cached latents)
+    keys: Sequence[str] = ("image", "caption")  # batch fields to load: image caption label segmap caption_emb
+    image_key: str | None = None  # member holding the image; null = first of jpg/jpeg/png/webp
+    caption_key: str = "txt"  # member (txt) or JSON field (json.caption)
+    label_key: str = "cls"  # member (cls) or JSON field (json.label)
+    segmap_key: str = "seg.png"  # single-channel PNG of class ids
+    num_classes: int | None = None  # segmap classes incl. background; a larger id is a bad sample
+    latents: bool = False  # latent shards from ldm.data.cache_latents: no image decoding
+    shuffle_buffer: int = 1000  # samples held for shuffling in each worker (0 = no shuffling)
+
+    def __post_init__(self) -> None:
+        self.keys = tuple(self.keys)
+        unknown = [k for k in self.keys if k not in FIELDS]
+        if unknown:
+            raise UserError(f"data.keys has {unknown}; choose from {list(FIELDS)}")
+        if self.crop not in ("random", "center"):
+            raise UserError(f"data.crop={self.crop!r}: use 'random' or 'center'")
+        if self.resolution <= 0:
+            raise UserError(f"data.resolution={self.resolution}: must be a positive number of pixels")
+
+
+def _members(raw: dict) -> str:
+    return ", ".join(sorted(k for k in raw if not k.startswith("__")))
+
+
+def _where(raw: dict) -> str:
+    return f"sample {raw.get('__key__')!r} of shard {raw.get('__url__')}"
+
+
+def read_field(raw: dict, spec: str, name: str):
+    """A member's bytes (`txt`) or a JSON field (`json.caption`, nested with more dots)."""
+    if spec.startswith("json.") and spec not in raw:
+        if "json" not in raw:
+            raise MissingFieldError(
+                f"{_where(raw)} has no 'json' member for data.{name}_key={spec!r} (members: {_members(raw)})"
+            )
+        meta = raw.get("__json__")
+        if meta is None:
+            meta = raw["__json__"] = json.loads(raw["json"])
+        value = meta
+        for part in spec.split(".")[1:]:
+            if not isinstance(value, dict) or part not in value:
+                raise MissingFieldError(
+                    f"{_where(raw)}: its json has no field {spec[5:]!r} (data.{name}_key)"
+                )
+            value = value[part]
+        return value
+    if spec not in raw:
+        raise MissingFieldError(
+            f"{_where(raw)} has no {spec!r} member for data.{name}_key (members: {_members(raw)})"
+        )
+    return raw[spec]
+
+
+def read_npy(data: bytes) -> np.ndarray:
+    """A .npy member, refusing pickled objects."""
+    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+def decode_sample(raw: dict, opts: PipelineOptions, train: bool, rng: np.random.Generator | None) -> dict:
+    """Raw tar members -> contract fields of one sample: image (3,R,R) in [-1,1], segmap (R,R) int64, ..."""
+    out: dict = {"__key__": raw.get("__key__"), "__url__": raw.get("__url__")}
+    box, source_size = None, None
+    if opts.latents:
+        for name, member in LATENT_MEMBERS.items():
+            if member in raw:
+                out[name] = torch.from_numpy(read_npy(raw[member]).astype(np.float32))
+        if "latent_mean" not in out and "latent" not in out:
+            raise MissingFieldError(
+                f"{_where(raw)} has no latent_mean.npy or latent.npy (members: {_members(raw)})"
+            )
+    elif "image" in opts.keys:
+        member = opts.image_key or next((m for m in IMAGE_MEMBERS if m in raw), None)
+        if member is None or member not in raw:
+            want = opts.image_key or "/".join(IMAGE_MEMBERS)
+            raise MissingFieldError(f"{_where(raw)} has no image member {want!r} (members: {_members(raw)})")
+        img, source_size = open_image(raw[member], "RGB", target=opts.resolution)
+        box = choose_crop(*source_size, opts.crop if train else "center", opts.flip and train, rng)
+        scale = img.size[0] / source_size[0]
+        out["image"] = to_tensor(crop_resize(img, box, opts.resolution, Image.Resampling.BICUBIC, scale))
+    if "segmap" in opts.keys:
+        out["segmap"] = _decode_segmap(raw, opts, box, source_size)
+    if "caption" in opts.keys:
+        value = read_field(raw, opts.caption_key, "caption")
+        out["caption"] = value.decode("utf-8").strip() if isinstance(value, bytes) else str(value)
+    if "label" in opts.keys:
+        out["label"] = int(read_field(raw, opts.label_key, "label"))
+    if "caption_emb" in opts.keys:
+        out["caption_emb"] = torch.from_numpy(
+            read_npy(read_field(raw, "caption_emb.npy", "caption_emb")).astype(np.float32)
+        )
+    return out
+
+
+def _decode_segmap(raw: dict, opts: PipelineOptions, box, source_size) -> torch.Tensor:
+    seg = Image.open(io.BytesIO(read_field(raw, opts.segmap_key, "segmap")))
+    seg.load()
+    if seg.mode not in ("L", "P", "I", "I;16"):
+        raise SampleError(f"{_where(raw)}: segmap is {seg.mode}, expected a single-channel map of class ids")
+    if box is not None:  # same crop and flip as the image, nearest-neighbour so ids stay ids
+        seg = crop_resize(seg, box, opts.resolution, Image.Resampling.NEAREST, seg.size[0] / source_size[0])
+    arr = np.asarray(seg).astype(np.int64)
+    if opts.num_classes is not None and arr.max(initial=0) >= opts.num_classes:
+        raise SampleError(
+            f"{_where(raw)}: segmap has class id {arr.max()} >= data.num_classes={opts.num_classes}"
+        )
+    return torch.from_numpy(arr)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors, turn ints into int64 tensors and keep strings as lists; drop `__` keys."""
+    batch: dict = {}
+    for key in samples[0]:
+        if key.startswith("__"):
+            continue
+        values = [s[key] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], (bool, int, np.integer)):
+            batch[key] = torch.tensor(values, dtype=torch.int64)
+        elif isinstance(values[0], float):
+            batch[key] = torch.tensor(values, dtype=torch.float32)
+        else:
+            batch[key] = values
+    return batch
+
+
+def share(total: int, parts: int, index: int) -> int:
+    """The index-th of `parts` near-equal integer shares of `total`."""
+    return total // parts + (1 if index < total % parts else 0)
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches from WebDataset shards for one rank; worker roles and resume offsets set by the loader."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        opts: PipelineOptions,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        resampled: bool = False,
+        epoch_length: int | None = None,
+        task: Callable[[dict], dict] | None = None,
+        skipped=None,
+    ) -> None:
+        super().__init__()
+        self.urls, self.opts, self.batch_size, self.train = list(urls), opts, batch_size, train
+        self.seed, self.resampled, self.epoch_length, self.task = seed, resampled, epoch_length, task
+        self.skipped = skipped  # multiprocessing.Value shared with the workers (or None)
+        self.epoch, self.rank, self.world_size = 0, 0, 1  # set by the loader before each epoch
+        self.rotation = 0  # physical worker p plays logical worker (p + rotation) % num_workers
+        self.resume: dict[int, tuple[int, int]] = {}  # logical worker -> (raw consumed, emitted)
+        self._errors_in_a_row = 0
+
+    # --- where this worker's samples come from -------------------------------------------------
+    def _worker(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return 0, 1
+        return (info.id + self.rotation) % info.num_workers, info.num_workers
+
+    def _shard_passes(self, worker: int, num_workers: int, progress: list[int]) -> Iterator[dict]:
+        """This worker's shards, one pass (or repeated passes when epoch_length caps the epoch)."""
+        passes = itertools.count() if self.epoch_length else range(1)
+        for rep in passes:
+            order = list(self.urls)
+            if self.train:  # same order on every rank, so the rank slices stay disjoint
+                random.Random(mix_seed(self.seed, self.epoch, rep, "shards")).shuffle(order)
+            mine = list(
+                split_by_worker(split_by_rank(order, self.rank, self.world_size), worker, num_workers)
+            )
+            if not mine:
+                return
+            before = progress[0]
+            for url in mine:
+                yield {"url": url}
+            if progress[0] == before:
+                return  # a whole pass read nothing (empty or unreadable shards): stop instead of spinning
+
+    def raw_samples(self, worker: int, num_workers: int) -> Iterator[dict]:
+        """Undecoded samples for (rank, worker) in their shuffled order; deterministic in the epoch."""
+        progress = [0]
+
+        def count(src: Iterator[dict]) -> Iterator[dict]:
+            for sample in src:
+                progress[0] += 1
+                yield sample
+
+        if self.resampled:  # with replacement, independently per (rank, worker): no splitting needed
+            shards = wds.ResampledShards(
+                self.urls,
+                seed=mix_seed(self.seed, "resampled") & 0x7FFFFFFF,
+                worker_seed=lambda: mix_seed(self.rank, worker) & 0x7FFFFFFF,
+                deterministic=True,
+            )
+            shards.epoch = self.epoch - 1  # its __iter__ increments before seeding
+        else:
+            shards = lambda: self._shard_passes(worker, num_workers, progress)  # noqa: E731  (a source stage)
+        stages = [shards, wds.tarfile_to_samples(handler=self._on_error), count]
+        if self.train and self.opts.shuffle_buffer > 1:
+            rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, worker, "samples"))
+            stages.append(
+                wds.shuffle(self.opts.shuffle_buffer, initial=min(100, self.opts.shuffle_buffer), rng=rng)
+            )
+        return iter(wds.DataPipeline(*stages))
+
+    # --- errors ---------------------------------------------------------------------------------
+    def _on_error(self, exn: BaseException, raw: dict | None = None) -> bool:
+        """webdataset-style handler: warn, count and continue; give up after a long run of failures."""
+        if isinstance(exn, UserError):
+            raise exn
+        self._errors_in_a_row += 1
+        if self.skipped is not None:
+            with self.skipped.get_lock():
+                self.skipped.value += 1
+        where = f" ({_where(raw)})" if raw is not None and not isinstance(exn, SampleError) else ""
+        log.warning("skipping bad sample%s: %s: %s", where, type(exn).__name__, exn)
+        if self._errors_in_a_row >= MAX_CONSECUTIVE_ERRORS:
+            raise UserError(
+                f"{self._errors_in_a_row} samples in a row could not be used; the last: {exn}{where}. "
+                "Check data.keys / data.*_key against the members of your shards."
+            )
+        return True
+
+    # --- the stream -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = self._worker()
+        consumed, emitted = self.resume.get(worker, (0, 0))
+        quota = share(self.epoch_length, num_workers, worker) if self.epoch_length else None
+        if quota is not None and emitted >= quota:
+            return
+        raw_stream = self.raw_samples(worker, num_workers)
+        if consumed:
+            raw_stream = itertools.islice(raw_stream, consumed, None)  # skipped undecoded: cheap
+        epoch = self.epoch if self.train else -1  # validation draws the same masks every epoch
+        batch: list[dict] = []
+        for raw in raw_stream:
+            rng = np.random.default_rng([self.seed, epoch + 1, self.rank, worker, consumed])
+            consumed += 1
+            try:
+                sample = decode_sample(raw, self.opts, self.train, rng)
+                if self.task is not None:
+                    sample[RNG_KEY] = rng
+                    sample = self.task(sample)
+            except UserError:
+                raise
+            except Exception as exn:  # corrupt image, missing member, bad segmap: skip and count
+                self._on_error(exn, raw)
+                continue
+            self._errors_in_a_row = 0
+            batch.append(sample)
+            emitted += 1
+            if len(batch) == self.batch_size or emitted == quota:
+                yield self._finish(batch, worker, consumed, emitted)
+                batch = []
+            if emitted == quota:
+                return
+        if batch:
+            yield self._finish(batch, worker, consumed, emitted)
+
+    @staticmethod
+    def _finish(samples: list[dict], worker: int, consumed: int, emitted: int) -> dict:
+        batch = collate(samples)
+        batch.update(__worker__=worker, __consumed__=consumed, __emitted__=emitted)
+        return batch

@@ -1,0 +1,130 @@
+"""Per-sample image ops (decode, resize, crop, flip) and the small task transforms shared by all tasks.
+
+Task transforms are callables `transform(sample: dict) -> dict`, instantiated by Hydra from
+`conf/data/task/*.yaml`. They run in the loader workers after the crop, on one sample whose
+"image" is a float32 (3, H, W) tensor in [-1, 1] and "segmap" an int64 (H, W) tensor. They draw
+random numbers from `sample_rng(sample)`, a generator the pipeline seeds from
+(seed, epoch, rank, worker, sample index), so a resumed run reproduces the same masks.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+RNG_KEY = "__rng__"
+
+
+def sample_rng(sample: dict) -> np.random.Generator:
+    """The sample's own generator (seeded by the pipeline); a fresh one outside the pipeline."""
+    rng = sample.get(RNG_KEY)
+    if rng is None:
+        rng = sample[RNG_KEY] = np.random.default_rng()
+    return rng
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """Where the square crop sits in the source image, and whether it is mirrored."""
+
+    left: float
+    top: float
+    side: float
+    flip: bool
+
+
+def choose_crop(width: int, height: int, crop: str, flip: bool, rng: np.random.Generator | None) -> CropBox:
+    """A square crop of the shortest side: centred, or uniformly placed for `crop="random"`."""
+    side = min(width, height)
+    if crop == "random" and rng is not None:
+        left, top = rng.integers(0, width - side + 1), rng.integers(0, height - side + 1)
+    elif crop in ("center", "random"):
+        left, top = (width - side) // 2, (height - side) // 2
+    else:
+        raise ValueError(f"crop={crop!r}: use 'center' or 'random'")
+    mirrored = bool(flip and rng is not None and rng.random() < 0.5)
+    return CropBox(float(left), float(top), float(side), mirrored)
+
+
+def open_image(data: bytes, mode: str, target: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode image bytes -> (image, size before any draft); big JPEGs decode at a reduced DCT scale."""
+    img = Image.open(io.BytesIO(data))
+    size = img.size
+    if target is not None and img.format == "JPEG":
+        img.draft(mode, (target, target))  # libjpeg scales by 1/2..1/8 while decoding: far cheaper
+    img.load()
+    if img.mode != mode:
+        transparent = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+        if mode == "RGB" and transparent:  # composite on white rather than keep whatever hides under alpha
+            img = Image.alpha_composite(
+                Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA")
+            )
+        img = img.convert(mode)
+    return img, size
+
+
+def crop_resize(
+    img: Image.Image, box: CropBox, size: int, resample: Image.Resampling, scale: float = 1.0
+) -> Image.Image:
+    """Resize the crop box (in source pixels, times `scale` for drafted images) to size x size."""
+    b = (box.left * scale, box.top * scale, (box.left + box.side) * scale, (box.top + box.side) * scale)
+    out = img.resize((size, size), resample, box=b)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if box.flip else out
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """uint8 RGB PIL image -> float32 (3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """float (3, H, W) in [-1, 1] -> uint8 RGB PIL image."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+class Compose:
+    """Apply several task transforms in order (e.g. a semantic map plus an inpainting mask)."""
+
+    def __init__(self, transforms: Sequence[Callable[[dict], dict]]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, sample: dict) -> dict:
+        for t in self.transforms:
+            sample = t(sample)
+        return sample
+
+
+class SemanticMap:
+    """Check the integer map "segmap" against `num_classes`; optionally add "segmap_onehot" (K, H, W).
+
+    "segmap" stays an int64 (H, W) map (0 = background) as the batch contract says; the one-hot copy
+    is for conditioners that want a float tensor (CompVis concatenates a one-hot map, rescaled).
+    """
+
+    def __init__(self, num_classes: int, one_hot: bool = False, ignore_out_of_range: bool = False) -> None:
+        self.num_classes = num_classes  # including background (class 0)
+        self.one_hot = one_hot
+        self.ignore_out_of_range = ignore_out_of_range  # map ids >= num_classes to 0 instead of failing
+
+    def __call__(self, sample: dict) -> dict:
+        if "segmap" not in sample:
+            raise KeyError("SemanticMap needs 'segmap': add it to data.keys")
+        seg = sample["segmap"].long()
+        top = int(seg.max())
+        if top >= self.num_classes:
+            if not self.ignore_out_of_range:
+                raise ValueError(f"segmap has class id {top} but num_classes={self.num_classes}")
+            seg = torch.where(seg < self.num_classes, seg, torch.zeros_like(seg))
+        sample["segmap"] = seg
+        if self.one_hot:
+            sample["segmap_onehot"] = (
+                torch.nn.functional.one_hot(seg, self.num_classes).permute(2, 0, 1).float()
+            )
+        return sample

@@ -1,0 +1,123 @@
+"""The frozen stage-1 autoencoder seen from stage 2: loading, and the one place the latent scale lives."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from ldm.errors import UserError
+from ldm.interop.checkpoint import load_state_dict, strip_prefix
+
+log = logging.getLogger(__name__)
+
+
+def _autoencoder_config(config: dict | None, path: Path) -> dict:
+    """Find the autoencoder's `_target_` config inside a run config (stage 1 or stage 2)."""
+    model = (config or {}).get("model") or {}
+    for candidate in (model.get("autoencoder"), model.get("first_stage"), model):
+        if isinstance(candidate, dict) and "ddconfig" in candidate and "_target_" in candidate:
+            return candidate
+    raise UserError(
+        f"{path} carries no autoencoder config (expected model.autoencoder with _target_ and ddconfig in its "
+        "metadata or in config.yaml beside it). Export it with train.py, or pass a run folder's model.safetensors."
+    )
+
+
+def load_autoencoder(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Build a frozen autoencoder from `model.safetensors` (+ config) or a stage-1 Lightning `.ckpt`."""
+    path = Path(path)
+    state, config = load_state_dict(path, what="autoencoder checkpoint (first_stage_ckpt)")
+    ae_config = _autoencoder_config(config, path)
+    autoencoder = instantiate(ae_config)
+    for prefix in ("autoencoder.", "first_stage_model.", ""):
+        sub = strip_prefix(state, prefix) if prefix else state
+        if sub:
+            missing, unexpected = autoencoder.load_state_dict(sub, strict=False)
+            if not missing:
+                break
+    else:  # pragma: no cover - loop always breaks or falls through with `missing`
+        missing = []
+    if missing:
+        raise UserError(
+            f"{path} does not match its autoencoder config: {len(missing)} weights missing "
+            f"(e.g. {missing[0]}). Was the file written by a different model?"
+        )
+    autoencoder.eval().requires_grad_(False)
+    return autoencoder, ae_config
+
+
+def weights_identity(module: nn.Module) -> str:
+    """A short sha256 of a module's weights: names latent caches by the autoencoder that made them."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class LatentCodec(nn.Module):
+    """Pixels <-> scaled latents z = scale_factor * E(x) (LDM §4.3.2; edm2 `Encoder` keeps it in one place).
+
+    `scale_factor=None` means "compute once from data": 1/std of the first batch's latents, then stored as a
+    buffer in every checkpoint and export (SD v1's 0.18215 was found this way).
+    """
+
+    def __init__(self, autoencoder: nn.Module, scale_factor: float | None = None) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        value = float("nan") if scale_factor is None else float(scale_factor)
+        self.register_buffer("scale_factor", torch.tensor(value, dtype=torch.float32))
+
+    def train(self, mode: bool = True) -> LatentCodec:
+        """Stay in eval mode: the autoencoder is frozen (no dropout, fixed norms)."""
+        return super().train(False)
+
+    @property
+    def scale_known(self) -> bool:
+        return bool(torch.isfinite(self.scale_factor))
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.autoencoder.latent_channels)
+
+    @property
+    def downsample_factor(self) -> int:
+        return int(self.autoencoder.downsample_factor)
+
+    def _require_scale(self) -> torch.Tensor:
+        if not self.scale_known:
+            raise RuntimeError("latent scale_factor is not set yet: call fit_scale() on a first batch")
+        return self.scale_factor
+
+    @torch.no_grad()
+    def fit_scale(self, unscaled: torch.Tensor) -> float:
+        """Set scale_factor = 1/std(latents) from a batch of unscaled latents (LDM's scale_by_std)."""
+        value = 1.0 / unscaled.float().flatten().std().clamp_min(1e-8)
+        self.scale_factor.copy_(value)
+        return float(value)
+
+    @torch.no_grad()
+    def encode_unscaled(self, pixels: torch.Tensor, sample: bool = True, generator=None) -> torch.Tensor:
+        """E(x) before scaling: a posterior sample (KL) or the pre-quantisation latent (VQ)."""
+        return self.autoencoder.encode_latent(pixels, sample=sample, generator=generator)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor, sample: bool = True, generator=None) -> torch.Tensor:
+        """(B,3,H,W) in [-1,1] -> scaled latents (B,C,H/f,W/f)."""
+        z = self.encode_unscaled(pixels, sample=sample, generator=generator)
+        return z * self._require_scale().to(z.dtype)
+
+    def scale(self, unscaled: torch.Tensor) -> torch.Tensor:
+        """Scale latents that come from a latent cache (unscaled posterior samples)."""
+        return unscaled * self._require_scale().to(unscaled.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels in [-1,1] (not clamped)."""
+        return self.autoencoder.decode_latent(latents / self._require_scale().to(latents.dtype))

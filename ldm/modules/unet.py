@@ -1,0 +1,264 @@
+"""The latent-diffusion UNet (Rombach et al. 2022) with CompVis / Stable Diffusion parameter names.
+
+A state dict saved by CompVis under `model.diffusion_model.` loads here after stripping that prefix.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm.errors import UserError
+from ldm.modules.attention import AttentionBlock, SpatialTransformer, normalization, zero_module
+from ldm.modules.embeddings import timestep_embedding
+
+
+class ResBlock(nn.Module):
+    """Residual block with an additive timestep embedding (Ho et al. 2020; CompVis `ResBlock`)."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        out_channels: int | None = None,
+        dropout: float = 0.0,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_checkpoint = use_checkpoint
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),  # block starts as identity
+        )
+        if out_channels == channels:
+            self.skip_connection: nn.Module = nn.Identity()
+        else:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)  # (N, C_out, H, W)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # emb (N, C_out) -> (N, C_out, 1, 1)
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 3x3 convolution, or 2x2 average pooling."""
+
+    def __init__(self, channels: int, use_conv: bool = True) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)  # (N, C, ceil(H/2), ceil(W/2))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling (2x, or to the skip connection's size) and an optional 3x3 conv."""
+
+    def __init__(self, channels: int, use_conv: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        # An explicit size lets latents whose sides are not multiples of 2^levels round-trip.
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (N, C, 2H, 2W)
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return x if self.conv is None else self.conv(x)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of UNet layers; each gets the inputs it needs (embedding, context or target size)."""
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, emb: Tensor, context: Tensor | None = None, size: Sequence[int] | None = None
+    ) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """Denoising UNet eps_theta(x_t, t, c) of latent diffusion (Rombach et al. 2022; Ho et al. 2020)."""
+
+    def __init__(
+        self,
+        in_channels: int,  # latent channels, plus any concatenated conditioning (inpainting: 4+4+1)
+        out_channels: int,  # latent channels
+        model_channels: int,  # width of the first level; the timestep embedding is 4x wider
+        num_res_blocks: int,  # ResBlocks per level on the way down (one more on the way up)
+        attention_resolutions: Sequence[int],  # downsampling factors (1, 2, 4, ...) that get attention
+        channel_mult: Sequence[int] = (1, 2, 4, 8),  # width multiplier per level
+        num_heads: int = -1,  # heads per attention layer; -1: derive from num_head_channels
+        num_head_channels: int = -1,  # width per head (SD v2: 64); -1: derive from num_heads
+        transformer_depth: int = 1,  # transformer blocks per SpatialTransformer
+        context_dim: int | None = None,  # cross-attention width (SD v1: 768); None: plain self-attention
+        num_classes: int | None = None,  # class-conditional: a label embedding is added to the time one
+        use_linear_in_transformer: bool = False,  # SD v2 projects in/out with Linear instead of 1x1 conv
+        use_checkpoint: bool = False,  # gradient checkpointing: ~30% slower steps for far less memory
+        dropout: float = 0.0,  # inside ResBlocks only, as in CompVis
+        conv_resample: bool = True,  # learned down/upsampling convs (False: average pooling / copy)
+        legacy: bool = True,  # CompVis head-width rule: dim_head = ch // heads (same for divisible widths)
+    ) -> None:
+        super().__init__()
+        if num_heads == -1 and num_head_channels == -1:
+            raise UserError("UNetModel: set either num_heads or num_head_channels (both are -1)")
+        for mult in channel_mult:
+            if (model_channels * mult) % 32:
+                raise UserError(
+                    f"UNetModel: model_channels * channel_mult = {model_channels * mult} is not a multiple "
+                    "of 32, the GroupNorm group count; choose model_channels and channel_mult accordingly"
+                )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.model_channels = model_channels
+        self.num_classes = num_classes
+        self.context_dim = context_dim
+        attention_resolutions = {int(r) for r in attention_resolutions}
+        channel_mult = [int(m) for m in channel_mult]
+
+        def attention(ch: int) -> nn.Module:
+            heads = num_heads if num_head_channels == -1 else ch // num_head_channels
+            if context_dim is None:  # CompVis use_spatial_transformer=False: no cross-attention
+                return AttentionBlock(ch, heads, use_checkpoint)
+            dim_head = ch // heads if (legacy or num_head_channels == -1) else num_head_channels
+            return SpatialTransformer(
+                ch,
+                heads,
+                dim_head,
+                transformer_depth,
+                0.0,
+                context_dim,
+                use_linear_in_transformer,
+                use_checkpoint,
+            )
+
+        def resblock(ch: int, out_ch: int) -> ResBlock:
+            return ResBlock(ch, time_embed_dim, out_ch, dropout, use_checkpoint)
+
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+        )
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+        )
+        skip_channels = [model_channels]
+        ch, ds = model_channels, 1  # current width and downsampling factor
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [resblock(ch, model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions:
+                    layers.append(attention(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample)))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), attention(ch), resblock(ch, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [resblock(ch + skip_channels.pop(), model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions:
+                    layers.append(attention(ch))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch, conv_resample))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        )
+
+    @classmethod
+    def from_compvis_config(cls, params: Mapping[str, Any]) -> "UNetModel":
+        """Build from the `unet_config.params` of a CompVis/SD yaml (keys we do not model must be unset)."""
+        params = dict(params)
+        params.pop("image_size", None)  # CompVis only stores it
+        params.pop("use_fp16", None)  # a no-op in CompVis (its fp16 conversion functions are empty)
+        spatial = params.pop("use_spatial_transformer", params.get("context_dim") is not None)
+        if bool(spatial) != (params.get("context_dim") is not None):
+            raise UserError(
+                f"UNet config: use_spatial_transformer={spatial} needs context_dim to be "
+                f"{'set' if spatial else 'null'} (got {params.get('context_dim')})"
+            )
+        if params.get("num_heads_upsample", -1) in (-1, params.get("num_heads", -1)):
+            params.pop("num_heads_upsample", None)
+        unsupported_defaults = {
+            "dims": 2,
+            "use_scale_shift_norm": False,
+            "resblock_updown": False,
+            "use_new_attention_order": False,
+            "n_embed": None,
+            "disable_self_attentions": None,
+            "num_attention_blocks": None,
+            "adm_in_channels": None,
+        }
+        for key, default in unsupported_defaults.items():
+            if key in params and params.pop(key) != default:
+                raise UserError(
+                    f"UNet config: {key} is not supported by ldm.modules.unet.UNetModel; remove it"
+                )
+        if isinstance(params.get("num_classes"), str):
+            raise UserError(f"UNet config: num_classes must be an integer, got {params['num_classes']!r}")
+        try:
+            return cls(**params)
+        except TypeError as err:
+            raise UserError(f"UNet config: {err}; see UNetModel.__init__ for the accepted keys") from err
+
+    def forward(
+        self, x: Tensor, timesteps: Tensor, context: Tensor | None = None, y: Tensor | None = None
+    ) -> Tensor:
+        """Predict the model output for noisy latents x (N, C_in, H, W) at (possibly fractional) timesteps."""
+        if (y is None) != (self.num_classes is None):
+            raise ValueError("UNetModel: pass y (class labels) if and only if num_classes is set")
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        t_emb = timestep_embedding(timesteps, self.model_channels)  # (N, C) float32
+        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # (N, 4C)
+        if y is not None:
+            emb = emb + self.label_emb(y)
+
+        skips = []
+        h = x  # (N, C_in, H, W)
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)  # (N, C_max, H/2^L, W/2^L)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # (N, C + C_skip, h, w)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+        return self.out(h)  # (N, C_out, H, W)

@@ -1,0 +1,60 @@
+"""Train a stage-1 autoencoder or a stage-2 latent diffusion model.
+
+    python train.py experiment=autoencoder_kl trainer.max_steps=300
+    python train.py experiment=txt2img first_stage_ckpt=outputs/autoencoder_kl/latest/model.safetensors
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("LDM_ROOT", str(Path(__file__).resolve().parent))
+os.environ.setdefault("WANDB_MODE", "offline")  # never phone home unless the user sets WANDB_MODE=online
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.errors import UserError
+from ldm.training.runtime import mark_latest, resolve_ckpt_path, resolved_config, user_errors_exit
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Compose -> instantiate -> fit; returns the final logged metrics (tests call this directly)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    run_dir, runs_dir = Path(cfg.paths.output_dir), Path(cfg.paths.runs_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), runs_dir)  # before `latest` moves to this run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    mark_latest(run_dir, runs_dir)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    run_config = resolved_config(cfg)
+    callbacks = [
+        instantiate(c, **({"config": run_config} if "config" in c else {}))
+        for c in (cfg.get("callbacks") or {}).values()
+        if c is not None
+    ]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except pl.utilities.exceptions.SIGTERMException:
+        return {"interrupted_at_step": float(trainer.global_step)}
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    if cfg.get("experiment_required") and not cfg.get("name"):
+        raise UserError("no experiment chosen: run e.g. `python train.py experiment=autoencoder_kl`.")
+    metrics = train(cfg)
+    print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+
+
+if __name__ == "__main__":
+    main()
