@@ -34,7 +34,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = instantiate(cfg.model)
     run_config = resolved_config(cfg)
     callbacks = [
-        instantiate(c, **({"config": run_config} if "config" in c else {}))
+        instantiate(c, **({"run_config": run_config} if "run_config" in c else {}))
         for c in (cfg.get("callbacks") or {}).values()
         if c is not None
     ]

@@ -1,7 +1,9 @@
 """Training-step benchmark: ldm's UNetModel against diffusers' UNet2DConditionModel of the same size.
 
-One step = forward + MSE loss + backward + AdamW step, identical inputs for both models. Each model runs
-in its own fresh subprocess (one after the other) so its peak memory is its own:
+One step = forward + MSE loss + backward + AdamW step, identical inputs for both models. Each model lives
+in its own subprocess, so its peak memory is its own. On CPU the parent alternates the two processes step
+by step (the cores are often shared, and both should see the same load); on CUDA it runs one after the
+other (a dedicated device, and two resident SD-size models might not fit). The median step is reported.
 
 - CUDA: `torch.cuda.max_memory_allocated()` over the warmup and timed steps (weights, gradients, AdamW
   state and activations; no allocator cache).
@@ -76,11 +78,11 @@ def current_rss_bytes() -> int:
 
 def serve(args: argparse.Namespace) -> None:
     """Child process: build one model, then answer `step` (time one training step) and `finish` lines."""
+    import diffusers  # noqa: F401  (both children pay the same imports before the memory baseline)
     import torch
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    import diffusers  # noqa: F401  (both children pay the same imports before the memory baseline)
     import ldm.modules.unet  # noqa: F401
 
     device = torch.device(args.device)
@@ -122,12 +124,12 @@ def serve(args: argparse.Namespace) -> None:
     for command in sys.stdin:
         if command.strip() == "step":
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             forward_backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sync()
-            reply(str(time.perf_counter() - start))
+            reply(f"{time.perf_counter() - start} {time.process_time() - cpu_start}")
         else:  # finish
             break
     if cuda:
@@ -165,10 +167,12 @@ class Child:
         self.stderr.seek(0)
         sys.exit(f"the {self.name} benchmark process failed:\n{self.stderr.read()[-4000:]}")
 
-    def step(self) -> float:
+    def step(self) -> tuple[float, float]:
+        """One training step; returns (wall seconds, CPU seconds of the child process)."""
         self.proc.stdin.write("step\n")
         self.proc.stdin.flush()
-        return float(self.read())
+        wall, cpu = self.read().split()
+        return float(wall), float(cpu)
 
     def finish(self) -> dict:
         self.proc.stdin.write("finish\n")
@@ -181,7 +185,7 @@ class Child:
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, dict]:
     """Time both models: interleaved step by step on CPU, one after the other on CUDA."""
     names = ("ours", "diffusers")
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     results = {}
     total = args.warmup + args.steps
     if args.device.startswith("cuda"):
@@ -198,9 +202,45 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, dict]:
                 times[name].append(children[name].step())
         results = {name: child.finish() for name, child in children.items()}
     for name, result in results.items():
-        result["step_s"] = statistics.median(times[name][args.warmup :])
+        timed = times[name][args.warmup :]
+        result["step_s"] = statistics.median(wall for wall, _ in timed)
+        result["cpu_s"] = statistics.median(cpu for _, cpu in timed)
         result["images_per_s"] = args.batch_size / result["step_s"]
     return results
+
+
+def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
+    """Print one row per model and the ratios ours / diffusers."""
+    ours, theirs = results["ours"], results["diffusers"]
+    cuda = args.device.startswith("cuda")
+    latent = args.resolution // LATENT_FACTOR
+    print(
+        f"UNet training step (fwd + MSE + bwd + AdamW): size={args.size}, device={args.device}, "
+        f"dtype={args.dtype}, batch={args.batch_size}, {args.resolution}px images = {latent}x{latent} "
+        "latents, "
+        f"context {CONTEXT_LEN}x{SIZES[args.size]['context_dim']}, median of {args.steps} steps after "
+        f"{args.warmup} warmup, torch threads={ours['threads']}"
+    )
+    mem_kind = "CUDA max alloc MiB" if cuda else "peak RSS growth MiB"
+    print(
+        f"{'model':<10} {'params':>13} {'img/s':>8} {'step ms':>9} {'CPU s/step':>10} {mem_kind:>20} "
+        f"{'GFLOP/step':>10} {'GFLOP/s':>9}" + (f" {'MFU':>6}" if args.peak_tflops else "")
+    )
+    for name, r in results.items():
+        gflops = r["flops"] / r["step_s"] / 1e9
+        print(
+            f"{name:<10} {r['params']:>13,} {r['images_per_s']:>8.3f} {r['step_s'] * 1e3:>9.1f} "
+            f"{r['cpu_s']:>10.2f} {r['peak_mem'] / 2**20:>20.1f} {r['flops'] / 1e9:>10.1f} {gflops:>9.1f}"
+            + (f" {gflops / 1e3 / args.peak_tflops:>6.1%}" if args.peak_tflops else "")
+        )
+    # CPU seconds (all threads of the child) are the steadier number when other work shares the cores.
+    print(
+        f"ratio ours/diffusers: throughput {ours['images_per_s'] / theirs['images_per_s']:.3f}x, "
+        f"CPU time per step {ours['cpu_s'] / theirs['cpu_s']:.3f}x, "
+        f"peak memory {ours['peak_mem'] / theirs['peak_mem']:.3f}x"
+    )
+    # The same architecture, so the counts must agree (they are identical for every size here).
+    assert abs(ours["params"] - theirs["params"]) <= 1e-3 * theirs["params"], "parameter counts differ"
 
 
 def main() -> None:
@@ -222,36 +262,7 @@ def main() -> None:
         serve(args)
         return
 
-    results = run(args, sys.argv[1:])
-    ours, theirs = results["ours"], results["diffusers"]
-    latent = args.resolution // LATENT_FACTOR
-    print(
-        f"UNet training step (fwd + MSE + bwd + AdamW), size={args.size}, device={args.device}, "
-        f"dtype={args.dtype}, batch={args.batch_size}, image {args.resolution}px -> latent {latent}x{latent}, "
-        f"context {CONTEXT_LEN}x{SIZES[args.size]['context_dim']}, median of {args.steps} steps "
-        f"after {args.warmup} warmup, torch threads={ours['threads']}"
-    )
-    mem_kind = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS growth"
-    header = f"{'model':<10} {'params':>13} {'img/s':>9} {'step ms':>10} {mem_kind + ' MiB':>24} {'GFLOP/step':>11}"
-    print(header + (f" {'TFLOP/s':>8} {'MFU':>6}" if args.peak_tflops else f" {'TFLOP/s':>8}"))
-    for name, r in results.items():
-        tflops = r["flops"] / r["step_s"] / 1e12
-        line = (
-            f"{name:<10} {r['params']:>13,} {r['images_per_s']:>9.3f} {r['step_s'] * 1e3:>10.1f} "
-            f"{r['peak_mem'] / 2**20:>24.1f} {r['flops'] / 1e9:>11.1f} {tflops:>8.3f}"
-        )
-        if args.peak_tflops:
-            line += f" {tflops / args.peak_tflops:>6.1%}"
-        print(line)
-    print(
-        f"ratio ours/diffusers: throughput {ours['images_per_s'] / theirs['images_per_s']:.3f}x, "
-        f"peak memory {ours['peak_mem'] / theirs['peak_mem']:.3f}x"
-    )
-    # Same architecture: the counts must agree (they are identical for every size here).
-    assert abs(ours["params"] - theirs["params"]) <= 1e-3 * theirs["params"], (
-        ours["params"],
-        theirs["params"],
-    )
+    report(args, run(args, sys.argv[1:]))
 
 
 if __name__ == "__main__":

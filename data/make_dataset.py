@@ -69,12 +69,16 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
         draw.polygon(_polygon(shape, cx, cy, r, angle), fill=fill)
 
 
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, str]:
     """A solid or two-colour gradient background; returns (image, caption phrase, colour name)."""
     names = list(COLORS)
     first = names[rng.integers(len(names))]
     if rng.random() < 0.6:
-        return Image.new("RGB", (size, size), COLORS[first]), f"on a {first} background", first
+        return Image.new("RGB", (size, size), COLORS[first]), f"on {_a(first)} {first} background", first
     second = names[rng.integers(len(names))]
     while second == first:
         second = names[rng.integers(len(names))]
@@ -84,7 +88,7 @@ def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, 
     img = Image.composite(
         Image.new("RGB", (size, size), COLORS[second]), Image.new("RGB", (size, size), COLORS[first]), ramp
     )
-    return img, f"on a {first} to {second} gradient background", first
+    return img, f"on {_a(first)} {first} to {second} gradient background", first
 
 
 def _relation(a: dict, b: dict) -> str:
@@ -151,7 +155,11 @@ def make_sample(seed: int, split: str, index: int, resolution: int) -> dict:
         caption=caption,
         label=label,
         meta=dict(
-            caption=caption, label=label, label_name=SHAPES[label], objects=objects, background=bg_phrase[5:]
+            caption=caption,
+            label=label,
+            label_name=SHAPES[label],
+            objects=objects,
+            background=bg_phrase.split(" ", 2)[2].removesuffix(" background"),
         ),
     )
 

@@ -16,6 +16,15 @@ from ldm.modules.quantize import VectorQuantizer
 PREFIX = "first_stage_model."
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on 2 shared cores: a second intra-op thread costs more in barriers than it saves."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_ddconfig(levels: int = 2, double_z: bool = True, **overrides) -> dict:
     cfg = dict(
         double_z=double_z,
@@ -38,7 +47,9 @@ def test_matches_compvis_reference_outputs(reference_dir):
     with safe_open(str(reference_dir / "sd_v1_tiny.safetensors"), "pt") as f:
         config = json.loads(f.metadata()["autoencoder"])
         state = {k[len(PREFIX) :]: f.get_tensor(k).float() for k in f.keys() if k.startswith(PREFIX)}
-        io = {k: f.get_tensor(k) for k in ("io.image", "io.posterior_mean", "io.posterior_logvar", "io.decoded")}
+        io = {
+            k: f.get_tensor(k) for k in ("io.image", "io.posterior_mean", "io.posterior_logvar", "io.decoded")
+        }
     model = AutoencoderKL(**config).eval()
     model.load_state_dict(state, strict=True)  # CompVis names load without renaming
     with torch.no_grad():
@@ -179,10 +190,14 @@ def test_posterior_kl_and_nll_closed_form():
     torch.testing.assert_close(dist.kl(), torch.tensor([expected]))
     reference = torch.distributions.Normal(mean, torch.exp(0.5 * logvar))
     prior = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(mean))
-    torch.testing.assert_close(dist.kl(), torch.distributions.kl_divergence(reference, prior).sum(dim=(1, 2, 3)))
+    torch.testing.assert_close(
+        dist.kl(), torch.distributions.kl_divergence(reference, prior).sum(dim=(1, 2, 3))
+    )
     other = DiagonalGaussianDistribution(torch.cat([mean + 1, logvar - 0.5], dim=1))
     q = torch.distributions.Normal(mean + 1, torch.exp(0.5 * (logvar - 0.5)))
-    torch.testing.assert_close(dist.kl(other), torch.distributions.kl_divergence(reference, q).sum(dim=(1, 2, 3)))
+    torch.testing.assert_close(
+        dist.kl(other), torch.distributions.kl_divergence(reference, q).sum(dim=(1, 2, 3))
+    )
     sample = torch.tensor([1.0, 0.0, -1.0, 3.0]).view(1, 4, 1, 1)
     torch.testing.assert_close(dist.nll(sample), -reference.log_prob(sample).sum(dim=(1, 2, 3)))
 

@@ -87,6 +87,8 @@ class ResumableLoader:
 
     # --- iteration --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
+        # A generator: nothing happens until the first batch is requested, so an `iter()` made only to
+        # check iterability (Lightning does that) neither starts an epoch nor consumes a resume point.
         epoch = self.epoch_fn() if self.epoch_fn is not None else None
         self.epoch = self._next_epoch if epoch is None else int(epoch)
         self._next_epoch = self.epoch + 1
@@ -94,12 +96,15 @@ class ResumableLoader:
         s.epoch = self.epoch
         s.rank, s.world_size = world_info()
         self._start_epoch()
-        return self._batches()
+        yield from self._batches()
 
     def _start_epoch(self) -> None:
         s, pending, self._pending = self.stream, self._pending, None
         self.history, self._base, self._base_last, self._base_batches, self._discard = [], {}, None, 0, 0
         s.resume, s.rotation = {}, 0
+        if pending is not None and pending.get("epoch") is not None and self.epoch < pending["epoch"]:
+            self._pending = pending  # not there yet: keep it for its epoch
+            return
         if pending is None or pending.get("epoch") != self.epoch or not pending.get("batches"):
             return
         if pending.get("signature") != self.signature():

@@ -33,7 +33,7 @@ LATENT_MEMBERS = {
     "latent_logvar": "latent_logvar.npy",
     "latent": "latent.npy",
 }
-FIELDS = ("image", "caption", "label", "segmap", "caption_emb")
+FIELDS = ("image", "caption", "label", "segmap", "caption_emb", "key")
 MAX_CONSECUTIVE_ERRORS = 200  # this many bad samples in a row is a config mistake, not corrupt data
 
 
@@ -52,7 +52,7 @@ class PipelineOptions:
     resolution: int = 64  # output side: shortest side resized to this, then a square crop
     crop: str = "random"  # random | center (validation always centre-crops)
     flip: bool = True  # random horizontal flip in training (not applied to cached latents)
-    keys: Sequence[str] = ("image", "caption")  # batch fields to load: image caption label segmap caption_emb
+    keys: Sequence[str] = ("image", "caption")  # fields: image caption label segmap caption_emb key
     image_key: str | None = None  # member holding the image; null = first of jpg/jpeg/png/webp
     caption_key: str = "txt"  # member (txt) or JSON field (json.caption)
     label_key: str = "cls"  # member (cls) or JSON field (json.label)
@@ -138,6 +138,8 @@ def decode_sample(raw: dict, opts: PipelineOptions, train: bool, rng: np.random.
         out["caption"] = value.decode("utf-8").strip() if isinstance(value, bytes) else str(value)
     if "label" in opts.keys:
         out["label"] = int(read_field(raw, opts.label_key, "label"))
+    if "key" in opts.keys:  # the sample's __key__, for debugging and exact-order tests
+        out["key"] = str(raw.get("__key__"))
     if "caption_emb" in opts.keys:
         out["caption_emb"] = torch.from_numpy(
             read_npy(read_field(raw, "caption_emb.npy", "caption_emb")).astype(np.float32)
@@ -216,21 +218,19 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _shard_passes(self, worker: int, num_workers: int, progress: list[int]) -> Iterator[dict]:
         """This worker's shards, one pass (or repeated passes when epoch_length caps the epoch)."""
+        order = list(self.urls)
+        if self.train:  # same order on every rank, so the rank slices stay disjoint
+            random.Random(mix_seed(self.seed, self.epoch, "shards")).shuffle(order)
+        mine = list(split_by_worker(split_by_rank(order, self.rank, self.world_size), worker, num_workers))
         passes = itertools.count() if self.epoch_length else range(1)
-        for rep in passes:
-            order = list(self.urls)
-            if self.train:  # same order on every rank, so the rank slices stay disjoint
-                random.Random(mix_seed(self.seed, self.epoch, rep, "shards")).shuffle(order)
-            mine = list(
-                split_by_worker(split_by_rank(order, self.rank, self.world_size), worker, num_workers)
-            )
-            if not mine:
-                return
+        for rep in passes:  # repeated passes (epoch_length) reuse this worker's shards: all before any twice
+            if rep > 0:
+                random.Random(mix_seed(self.seed, self.epoch, self.rank, worker, rep)).shuffle(mine)
             before = progress[0]
             for url in mine:
                 yield {"url": url}
             if progress[0] == before:
-                return  # a whole pass read nothing (empty or unreadable shards): stop instead of spinning
+                return  # nothing read in a whole pass (no shards, empty or unreadable): stop, don't spin
 
     def raw_samples(self, worker: int, num_workers: int) -> Iterator[dict]:
         """Undecoded samples for (rank, worker) in their shuffled order; deterministic in the epoch."""

@@ -15,6 +15,7 @@ from ldm.errors import UserError
 from ldm.interop.checkpoint import load_state_dict, strip_prefix
 
 log = logging.getLogger(__name__)
+DEMO_AUTOENCODER = "outputs/autoencoder_kl/latest/model.safetensors"  # where `make demo` leaves stage 1
 
 
 def _autoencoder_config(config: dict | None, path: Path) -> dict:
@@ -68,9 +69,12 @@ class LatentCodec(nn.Module):
     buffer in every checkpoint and export (SD v1's 0.18215 was found this way).
     """
 
-    def __init__(self, autoencoder: nn.Module, scale_factor: float | None = None) -> None:
+    def __init__(
+        self, autoencoder: nn.Module, scale_factor: float | None = None, autoencoder_config: dict | None = None
+    ) -> None:
         super().__init__()
         self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.autoencoder_config = autoencoder_config  # its `_target_` config: lets exports rebuild it
         value = float("nan") if scale_factor is None else float(scale_factor)
         self.register_buffer("scale_factor", torch.tensor(value, dtype=torch.float32))
 
@@ -121,3 +125,25 @@ class LatentCodec(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> pixels in [-1,1] (not clamped)."""
         return self.autoencoder.decode_latent(latents / self._require_scale().to(latents.dtype))
+
+
+def codec_from_checkpoint(path: str | None, scale_factor: float | None = None) -> LatentCodec:
+    """Hydra entry: the frozen autoencoder of `first_stage_ckpt` wrapped with its latent scale."""
+    if not path:
+        default = Path(os.environ.get("LDM_ROOT", ".")) / DEMO_AUTOENCODER
+        if not default.is_file():
+            raise UserError(
+                f"first_stage_ckpt is not set and there is no demo autoencoder at {default}: pass "
+                "first_stage_ckpt=<stage-1 model.safetensors or .ckpt>, or train one first with "
+                "`python train.py experiment=autoencoder_kl` (what `make demo` does)."
+            )
+        log.warning("first_stage_ckpt not set: using the demo autoencoder %s", default.resolve())
+        path = str(default)
+    autoencoder, ae_config = load_autoencoder(path)
+    log.info("first stage: %s (f=%d, %d latent channels)", path, autoencoder.downsample_factor, autoencoder.latent_channels)
+    return LatentCodec(autoencoder, scale_factor, ae_config)
+
+
+def codec_from_config(autoencoder: dict, scale_factor: float | None = None) -> LatentCodec:
+    """Hydra entry for sampling: an un-initialised autoencoder whose weights come with the stage-2 file."""
+    return LatentCodec(instantiate(autoencoder), scale_factor, dict(autoencoder))

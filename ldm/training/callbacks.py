@@ -79,21 +79,26 @@ class ExportSafetensors(pl.Callback):
     (the autoencoder alone for stage 1; EMA UNet + first stage + conditioner in the CompVis layout for stage 2).
     """
 
-    def __init__(self, path: str = "model.safetensors", config: dict | None = None) -> None:
+    def __init__(self, path: str = "model.safetensors", run_config: dict | None = None) -> None:
         self.path = Path(path)
-        self.config = config
+        self.config = run_config
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if self.config is not None:
-            checkpoint["ldm_config"] = self.config
+            checkpoint["ldm_config"] = self._config_for(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.export(trainer, pl_module)
 
+    def _config_for(self, pl_module: pl.LightningModule) -> dict | None:
+        """The run config, plus what the module adds to rebuild itself (e.g. its autoencoder's config)."""
+        extend = getattr(pl_module, "export_config", None)
+        return extend(self.config) if (extend is not None and self.config is not None) else self.config
+
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = pl_module.export_state_dict()  # every rank (FSDP gathers); rank zero writes
         if trainer.is_global_zero:
-            save_safetensors(state, self.path, self.config)
+            save_safetensors(state, self.path, self._config_for(pl_module))
             log.info("exported %d tensors to %s", len(state), self.path)
 
 

@@ -1,0 +1,262 @@
+"""Stage 2: train a conditional UNet to denoise frozen-autoencoder latents (Rombach et al. 2022)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from ldm.conditioning.conditioner import Conditioner
+from ldm.diffusion.loss import DiffusionLoss
+from ldm.errors import UserError
+from ldm.models.first_stage import LatentCodec
+from ldm.modules.ema import EMA
+from ldm.samplers.generate import generate_latents
+from ldm.samplers.sigmas import StepSchedule
+from ldm.training.optim import build_adamw
+
+log = logging.getLogger(__name__)
+LATENT_KEYS = ("latent_mean", "latent_logvar")
+
+
+class LatentDiffusionModule(pl.LightningModule):
+    """UNet + conditioner + frozen first stage; EMA of the trainable weights; preview sampling.
+
+    The pieces are plain modules built by Hydra (`conf/model/ldm_*.yaml`): this class only wires them.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        conditioner: Conditioner,
+        first_stage: LatentCodec,
+        loss: DiffusionLoss,
+        optim: Mapping[str, Any],  # build_adamw kwargs: lr, betas, weight_decay, warmup_steps, schedule, ...
+        ema_decay: float = 0.9999,  # 0 disables EMA (previews and export then use the raw weights)
+        ema_warmup: bool = True,  # LDM's min(decay, (1+n)/(10+n)): EMA useful from the first steps
+        sampler: Callable[..., Tensor] | None = None,  # preview sampler (a conf/sampler partial)
+        preview_steps: int = 25,
+        preview_cfg_scale: float = 3.0,
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        self.conditioner = conditioner
+        self.first_stage = first_stage
+        self.loss = loss
+        self.optim = dict(optim)
+        self.sampler = sampler
+        self.preview_steps = StepSchedule(steps=preview_steps)
+        self.preview_cfg_scale = preview_cfg_scale
+        unet_cfg = getattr(unet, "config", None) or {}
+        conditioner.check_unet(
+            context_dim=getattr(unet, "context_dim", unet_cfg.get("context_dim")),
+            in_channels=getattr(unet, "in_channels", unet_cfg.get("in_channels")),
+            latent_channels=first_stage.latent_channels,
+            num_classes=getattr(unet, "num_classes", unet_cfg.get("num_classes")),
+        )
+        self.ema = EMA(self, decay=ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
+        self._ema_step = -1
+        self._fixed_batch: dict[str, Any] | None = None
+        self._backup: list[Tensor] | None = None
+
+    # ---- the denoising network as the loss and samplers call it -------------------------------------
+
+    def net(self, x: Tensor, t: Tensor, context: Tensor | None = None, concat: Tensor | None = None, y=None):
+        """UNet(x_t ++ concat, t, context, y): concat conditions join the latent along channels."""
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, C_latent + C_concat, h, w)
+        return self.unet(x, t, context=context, y=y)
+
+    def encode_fn(self, pixels: Tensor) -> Tensor:
+        return self.first_stage.encode_pixels(pixels, sample=False)
+
+    def latents(self, batch: Mapping[str, Any]) -> Tensor:
+        """Scaled latents of a batch: from cached posterior moments, or by encoding `image`."""
+        if all(k in batch for k in LATENT_KEYS):
+            mean, logvar = batch["latent_mean"].float(), batch["latent_logvar"].float()
+            unscaled = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+        elif "latent" in batch:
+            unscaled = batch["latent"].float()
+        elif "image" in batch:
+            unscaled = self.first_stage.encode_unscaled(batch["image"], sample=True)
+        else:
+            raise UserError(f"batch has neither 'image' nor latent keys {LATENT_KEYS}; got {sorted(batch)}")
+        if not self.first_stage.scale_known:
+            value = self.first_stage.fit_scale(unscaled)
+            value = float(self.trainer.strategy.broadcast(torch.tensor(value), src=0)) if self._trainer else value
+            self.first_stage.scale_factor.fill_(value)
+            log.info("latent scale_factor = %.5f (1/std of the first batch's latents)", value)
+        return self.first_stage.scale(unscaled)
+
+    # ---- training ---------------------------------------------------------------------------------
+
+    def _step(self, batch: Mapping[str, Any], train: bool, generator=None) -> tuple[Tensor, dict]:
+        z = self.latents(batch)
+        cond = self.conditioner(batch, train=train, encode_fn=self.encode_fn, latent_size=tuple(z.shape[-2:]))
+        return self.loss(self.net, z, cond, generator=generator)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, logs = self._step(batch, train=True)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}: lower optim.lr, "
+                "check the data, or resume from the last good checkpoint with ckpt_path=last."
+            )
+        bs = _batch_len(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss_unweighted", logs["loss_unweighted"], batch_size=bs)
+        if self._fixed_batch is None:
+            self._fixed_batch = _detach_head(batch, 8)
+        return loss
+
+    def on_train_start(self) -> None:
+        self._ema_step = self.trainer.global_step
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # One EMA update per optimizer step (with gradient accumulation, not every batch).
+        if self.ema is not None and self.trainer.global_step > self._ema_step:
+            self.ema.update(self)
+            self._ema_step = self.trainer.global_step
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        # Fixed t and noise per batch index: the validation loss is comparable from one check to the next.
+        gen = torch.Generator(self.device).manual_seed(1234 + batch_idx)
+        loss, _ = self._step(batch, train=False, generator=gen)
+        bs = _batch_len(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
+        if self._fixed_batch is None:
+            self._fixed_batch = _detach_head(batch, 8)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        if self.ema is not None:  # validate the EMA weights (what we export and sample from)
+            self._backup = [p.detach().clone() for p, _ in self.ema._pairs(self)]
+            self.ema.copy_to(self)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.ema is not None and self._backup is not None:
+            with torch.no_grad():
+                for (p, _), saved in zip(self.ema._pairs(self), self._backup):
+                    p.copy_(saved)
+            self._backup = None
+
+    def configure_optimizers(self) -> dict:
+        params = list(self.unet.parameters()) + self.conditioner.trainable_parameters()
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
+        return build_adamw(params, total_steps=total, **self.optim)
+
+    # ---- previews and export ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        inputs: Mapping[str, Any],
+        seeds: list[int],
+        cfg_scale: float,
+        sampler=None,
+        steps: StepSchedule | None = None,
+        latent_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Images in [-1,1] for raw conditioning inputs (prompts, labels, masked images...)."""
+        latent_hw = latent_size or self._latent_size(inputs)
+        cond, uncond = self.conditioner.encode_with_null(
+            inputs, batch_size=len(seeds), device=self.device, encode_fn=self.encode_fn, latent_size=latent_hw
+        )
+        z = generate_latents(
+            self.net,
+            self.loss.schedule.alphas_cumprod,
+            sampler=sampler or self.sampler,
+            steps=steps or self.preview_steps,
+            shape=(self.first_stage.latent_channels, *latent_hw),
+            seeds=seeds,
+            cond=cond,
+            uncond=uncond if cfg_scale != 1.0 else None,
+            cfg_scale=cfg_scale,
+            parameterization=self.loss.parameterization,
+            device=self.device,
+        )
+        return self.first_stage.decode(z).clamp(-1, 1)
+
+    def _latent_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
+        f = self.first_stage.downsample_factor
+        for key in ("image", "masked_image", "segmap"):
+            if key in batch and hasattr(batch[key], "shape"):
+                return batch[key].shape[-2] // f, batch[key].shape[-1] // f
+        if "latent_mean" in batch:
+            return tuple(batch["latent_mean"].shape[-2:])
+        if "lowres" in batch:
+            return batch["lowres"].shape[-2] * self._sr_factor() // f, batch["lowres"].shape[-1] * self._sr_factor() // f
+        size = getattr(self.unet, "image_size", None) or 32
+        return size, size
+
+    def _sr_factor(self) -> int:
+        for c in self.conditioner.conditioners.values():
+            if hasattr(c, "scale_factor_hint"):
+                return int(c.scale_factor_hint)
+        return 4
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], max_images: int = 8) -> dict[str, Tensor]:
+        """EMA samples for fixed conditions (the first batch seen), with their inputs."""
+        fixed = self._fixed_batch or _detach_head(batch, max_images)
+        inputs = {k: _head(v, max_images) for k, v in fixed.items() if k in self.conditioner.input_keys}
+        n = min(max_images, _batch_len(fixed))
+        inputs = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in inputs.items()}
+        seeds = list(range(n))
+        size = self._latent_size(fixed)
+        if self.ema is not None:
+            with self.ema.swapped_in(self):
+                samples = self.sample(inputs, seeds, self.preview_cfg_scale, latent_size=size)
+        else:
+            samples = self.sample(inputs, seeds, self.preview_cfg_scale, latent_size=size)
+        out = {"samples": samples}
+        if "image" in fixed:
+            out["inputs"] = _head(fixed["image"], n).to(samples)
+        for key in ("masked_image", "lowres"):
+            if key in fixed:
+                out[key] = _head(fixed[key], n).to(samples)
+        if "segmap" in fixed:
+            seg = _head(fixed["segmap"], n).float()
+            out["segmap"] = (seg / max(1.0, float(seg.max())) * 2 - 1).unsqueeze(1).expand(-1, 3, -1, -1)
+        return out
+
+    def export_config(self, config: dict) -> dict:
+        """Run config + the autoencoder's own config, so an export rebuilds without the stage-1 file."""
+        return {**config, "first_stage_autoencoder": self.first_stage.autoencoder_config}
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """CompVis layout with EMA weights in place: model.diffusion_model.*, first_stage_model.*, ..."""
+        state = self.ema.averaged_state(self) if self.ema is not None else dict(self.state_dict())
+        out: dict[str, Tensor] = {}
+        for key, value in state.items():
+            if key.startswith("ema."):
+                continue
+            if key.startswith("unet."):
+                out["model.diffusion_model." + key[5:]] = value
+            elif key.startswith("first_stage.autoencoder."):
+                out["first_stage_model." + key[len("first_stage.autoencoder.") :]] = value
+            elif key == "first_stage.scale_factor":
+                out["scale_factor"] = value
+            elif key.startswith("loss.") or key.startswith("conditioner."):
+                out[key] = value
+        return out
+
+
+def _head(value: Any, n: int) -> Any:
+    return value[:n]
+
+
+def _batch_len(batch: Mapping[str, Any]) -> int:
+    for v in batch.values():
+        if isinstance(v, (Tensor, list, tuple)):
+            return len(v)
+    return 1
+
+
+def _detach_head(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
+    return {k: (v[:n].detach().clone() if isinstance(v, Tensor) else list(v[:n])) for k, v in batch.items()
+            if isinstance(v, (Tensor, list, tuple))}
