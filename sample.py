@@ -25,7 +25,7 @@ from ldm.samplers.sigmas import StepSchedule
 from ldm.sampling import Settings, prepare, resolve_device, run_job, write_outputs
 from ldm.training.runtime import resolved_config, user_errors_exit
 
-RUN_KEYS = ("steps", "spacing", "cfg_scale", "batch_size", "precision", "device")
+RUN_KEYS = ("n", "seed", "steps", "spacing", "cfg_scale", "batch_size", "precision", "use_ema")
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
@@ -50,7 +50,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     prepare(loaded, settings.device, compile_unet=bool(cfg.get("compile")))
     result = run_job(loaded, job, settings)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
-    run = {**{k: cfg[k] for k in RUN_KEYS}, "device": str(settings.device), "sampler": sampler}
+    run = {**{k: cfg[k] for k in RUN_KEYS}, "device": str(settings.device), "sampler": sampler,
+           "sampler_name": str(sampler.get("_target_", "")).rsplit(".", 1)[-1]}
     timings = {"load_s": load_s, "total_s": time.perf_counter() - start}
     return write_outputs(cfg.out_dir, result, job, loaded, run, resolved_config(cfg), timings)
 

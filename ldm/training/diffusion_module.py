@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ldm.conditioning.conditioner import Conditioner
 from ldm.diffusion.loss import DiffusionLoss
 from ldm.errors import UserError
+from ldm.interop.checkpoint import load_state_dict, strip_prefix
 from ldm.models.first_stage import LatentCodec
 from ldm.modules.ema import EMA
 from ldm.samplers.generate import generate_latents
@@ -41,6 +42,7 @@ class LatentDiffusionModule(pl.LightningModule):
         sampler: Callable[..., Tensor] | None = None,  # preview sampler (a conf/sampler partial)
         preview_steps: int = 25,
         preview_cfg_scale: float = 3.0,
+        init_from: str | None = None,  # fine-tune: start from these weights (export, .ckpt or SD v1 file)
     ) -> None:
         super().__init__()
         self.unet = unet
@@ -58,10 +60,28 @@ class LatentDiffusionModule(pl.LightningModule):
             latent_channels=first_stage.latent_channels,
             num_classes=getattr(unet, "num_classes", unet_cfg.get("num_classes")),
         )
+        if init_from:
+            self._init_weights(init_from)
         self.ema = EMA(self, decay=ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
         self._ema_step = -1
         self._fixed_batch: dict[str, Any] | None = None
         self._backup: list[Tensor] | None = None
+
+    def _init_weights(self, path: str) -> None:
+        """Load UNet (+ trainable conditioner) weights for fine-tuning; EMA then starts from them."""
+        state, _ = load_state_dict(path, what="model.init_from")
+        unet = strip_prefix(state, "model.diffusion_model.") or strip_prefix(state, "unet.")
+        if not unet:
+            raise UserError(f"model.init_from={path} holds no UNet weights (model.diffusion_model.* or unet.*).")
+        try:
+            self.unet.load_state_dict(unet)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[1] if len(str(e).splitlines()) > 1 else str(e)
+            raise UserError(f"model.init_from={path} does not fit model.unet ({first.strip()}).") from None
+        conditioner = strip_prefix(state, "conditioner.")
+        if conditioner:
+            self.conditioner.load_state_dict(conditioner, strict=False)
+        log.info("initialised %d UNet tensors from %s", len(unet), path)
 
     # ---- the denoising network as the loss and samplers call it -------------------------------------
 
