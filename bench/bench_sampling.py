@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -176,25 +177,20 @@ def main() -> None:
         f"latent {args.latent}x{args.latent}, batch {args.batch}, {args.steps} steps, CFG {args.scale}"
     )
     results = []
-    ours_eps, theirs_eps = ours, EpsFromDiffusers(theirs)
     for name, (sampler, scheduler, make_sigmas, final_vp) in samplers.items():
         sigmas = make_sigmas(scheduler).to(device)
         for variant, our_unet, their_unet in (
-            ("ours vs diffusers (own UNets)", ours, theirs_eps),
+            ("ours vs diffusers (own UNets)", ours, EpsFromDiffusers(theirs)),
             ("same UNet (ours) for both", ours, ours),
         ):
-            t_ours, out_ours = timed(
-                lambda u=our_unet: our_loop(sampler, u, sigmas, final_vp, x_T, context, uncond, args.scale),
-                args.repeats,
-                device,
+            run_ours = partial(
+                our_loop, sampler, our_unet, sigmas, final_vp, x_T, context, uncond, args.scale
             )
-            t_diff, out_diff = timed(
-                lambda u=their_unet: diffusers_loop(
-                    scheduler, u, x_T, context, uncond, args.scale, args.steps
-                ),
-                args.repeats,
-                device,
+            run_diffusers = partial(
+                diffusers_loop, scheduler, their_unet, x_T, context, uncond, args.scale, args.steps
             )
+            t_ours, out_ours = timed(run_ours, args.repeats, device)
+            t_diff, out_diff = timed(run_diffusers, args.repeats, device)
             rel = ((out_ours - out_diff).norm() / out_diff.norm()).item()
             row = dict(
                 sampler=name,

@@ -297,3 +297,18 @@ def test_dead_codes_restart_on_encoder_outputs():
     assert vq.code_usage[2] == 1.0
     loss.backward()  # the in-place restart does not break the backward pass
     assert torch.isfinite(z.grad).all()
+
+
+def test_released_vq_weights_load_into_ema_and_restart_quantizers():
+    torch.manual_seed(0)
+    plain = VQModel(tiny_ddconfig(double_z=False), n_embed=16, embed_dim=3)
+    released = plain.state_dict()  # CompVis names only: no EMA or usage buffers
+    ema = VQModel(
+        tiny_ddconfig(double_z=False), n_embed=16, embed_dim=3, ema_decay=0.99, restart_dead_codes=True
+    )
+    ema.load_state_dict(released, strict=True)
+    codebook = released["quantize.embedding.weight"]
+    assert torch.equal(ema.quantize.embedding.weight, codebook)
+    assert torch.equal(ema.quantize.ema_embed_sum, codebook)
+    assert torch.equal(ema.quantize.ema_cluster_size, torch.ones(16))
+    assert torch.equal(ema.quantize.code_usage, torch.ones(16))

@@ -33,17 +33,8 @@ def folder(tmp_path) -> Path:
 
 
 def _load(out: Path, spec: str, **kw) -> list[dict]:
-    dm = ShardDataModule(
-        str(out / spec),
-        None,
-        batch_size=4,
-        num_workers=0,
-        resolution=24,
-        crop="center",
-        flip=False,
-        shuffle_buffer=0,
-        **kw,
-    )
+    opts = dict(batch_size=4, num_workers=0, resolution=24, crop="center", flip=False, shuffle_buffer=0)
+    dm = ShardDataModule(str(out / spec), None, **{**opts, **kw})
     dm.setup("fit")
     return list(dm.train_dataloader())
 

@@ -88,6 +88,8 @@ def test_class_label_changes_output_and_is_required():
     assert model.label_emb.weight.shape == (10, 4 * 32)
     with pytest.raises(ValueError, match="num_classes"):
         model(x, t, ctx)
+    with pytest.raises(ValueError, match="context"):
+        model(x, t, y=torch.tensor([1, 2]))
 
 
 def test_concatenated_conditioning_channels():

@@ -175,6 +175,19 @@ class ShardDataModule(pl.LightningDataModule):
             stream, self.num_workers, self.timeout, None, default_pin_memory(), name="val_shards"
         )
 
+    def check_autoencoder(self, identity: str) -> list[dict]:
+        """Latent mode: refuse caches made by another autoencoder (UserError); returns their manifests.
+
+        `identity` is `ldm.models.first_stage.weights_identity(autoencoder)` of the run's first stage.
+        """
+        from ldm.data.cache_latents import check_latent_manifest
+
+        if not self.options.latents:
+            return []
+        self.setup("fit")
+        specs = [u for u in (self.train_urls, self.val_urls) if u]
+        return [check_latent_manifest(urls, identity) for urls in specs]
+
     # --- bookkeeping ------------------------------------------------------------------------------
     @property
     def skipped(self) -> int:

@@ -28,11 +28,7 @@ from ldm.errors import UserError
 log = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # tried in this order when image_key is null
-LATENT_MEMBERS = {
-    "latent_mean": "latent_mean.npy",
-    "latent_logvar": "latent_logvar.npy",
-    "latent": "latent.npy",
-}
+LATENT_FIELDS = ("latent_mean", "latent_logvar", "latent")  # stored as <name>.npy, or <name>.pth (bfloat16)
 FIELDS = ("image", "caption", "label", "segmap", "caption_emb", "key")
 MAX_CONSECUTIVE_ERRORS = 200  # this many bad samples in a row is a config mistake, not corrupt data
 
@@ -105,9 +101,17 @@ def read_field(raw: dict, spec: str, name: str):
     return raw[spec]
 
 
-def read_npy(data: bytes) -> np.ndarray:
-    """A .npy member, refusing pickled objects."""
-    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+def read_tensor(raw: dict, name: str) -> torch.Tensor | None:
+    """`<name>.npy` (pickled objects refused) or `<name>.pth` (a plain tensor, weights_only) as float32."""
+    if f"{name}.npy" in raw:
+        array = np.lib.format.read_array(io.BytesIO(raw[f"{name}.npy"]), allow_pickle=False)
+        return torch.from_numpy(array.astype(np.float32))
+    if f"{name}.pth" in raw:
+        tensor = torch.load(io.BytesIO(raw[f"{name}.pth"]), weights_only=True, map_location="cpu")
+        if not isinstance(tensor, torch.Tensor):
+            raise SampleError(f"{_where(raw)}: {name}.pth holds a {type(tensor).__name__}, not a tensor")
+        return tensor.float()
+    return None
 
 
 def decode_sample(raw: dict, opts: PipelineOptions, train: bool, rng: np.random.Generator | None) -> dict:
@@ -115,12 +119,13 @@ def decode_sample(raw: dict, opts: PipelineOptions, train: bool, rng: np.random.
     out: dict = {"__key__": raw.get("__key__"), "__url__": raw.get("__url__")}
     box, source_size = None, None
     if opts.latents:
-        for name, member in LATENT_MEMBERS.items():
-            if member in raw:
-                out[name] = torch.from_numpy(read_npy(raw[member]).astype(np.float32))
+        for name in LATENT_FIELDS:
+            tensor = read_tensor(raw, name)
+            if tensor is not None:
+                out[name] = tensor
         if "latent_mean" not in out and "latent" not in out:
             raise MissingFieldError(
-                f"{_where(raw)} has no latent_mean.npy or latent.npy (members: {_members(raw)})"
+                f"{_where(raw)} has no latent_mean or latent .npy/.pth (members: {_members(raw)})"
             )
     elif "image" in opts.keys:
         member = opts.image_key or next((m for m in IMAGE_MEMBERS if m in raw), None)
@@ -140,10 +145,11 @@ def decode_sample(raw: dict, opts: PipelineOptions, train: bool, rng: np.random.
         out["label"] = int(read_field(raw, opts.label_key, "label"))
     if "key" in opts.keys:  # the sample's __key__, for debugging and exact-order tests
         out["key"] = str(raw.get("__key__"))
-    if "caption_emb" in opts.keys:
-        out["caption_emb"] = torch.from_numpy(
-            read_npy(read_field(raw, "caption_emb.npy", "caption_emb")).astype(np.float32)
-        )
+    if "caption_emb" in opts.keys:  # text-encoder states cached by cache_latents --text-encoder
+        emb = read_tensor(raw, "caption_emb")
+        if emb is None:
+            raise MissingFieldError(f"{_where(raw)} has no caption_emb.npy/.pth (members: {_members(raw)})")
+        out["caption_emb"] = emb
     return out
 
 
@@ -170,7 +176,8 @@ def collate(samples: list[dict]) -> dict:
             continue
         values = [s[key] for s in samples]
         if isinstance(values[0], torch.Tensor):
-            batch[key] = torch.stack(values)
+            # np.stack: a plain memcpy; torch.stack crawled with busy intra-op threads (see to_tensor)
+            batch[key] = torch.from_numpy(np.stack([v.numpy() for v in values]))
         elif isinstance(values[0], (bool, int, np.integer)):
             batch[key] = torch.tensor(values, dtype=torch.int64)
         elif isinstance(values[0], float):

@@ -120,7 +120,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 def build_unet(params: Mapping[str, Any]) -> UNetModel:
     """Our UNetModel from `unet_config` (`params` of it)."""
-    return UNetModel.from_compvis_config(dict(params["unet_config"].get("params") or {}))
+    unet_params = dict(params["unet_config"].get("params") or {})
+    unet_params["use_checkpoint"] = False  # gradient checkpointing only helps training
+    return UNetModel.from_compvis_config(unet_params)
 
 
 def build_autoencoder(params: Mapping[str, Any]) -> tuple[AutoencoderKL, dict]:
@@ -295,20 +297,22 @@ def load_compvis(
     from ldm.training.diffusion_module import LatentDiffusionModule
 
     params = read_yaml(yaml_path)
-    unet = build_unet(params)
-    autoencoder, ae_config = build_autoencoder(params)
+    latent_channels = int((params["first_stage_config"].get("params") or {}).get("embed_dim", 4))
+    conditioner = build_conditioner(params, state, text_encoder, latent_channels)  # cheap checks first
+    with torch.device("meta"):  # no random init of ~1B parameters that are overwritten right away
+        unet = build_unet(params)
+        autoencoder, ae_config = build_autoencoder(params)
+    names = [n for n, _ in unet.named_parameters()]
+    load_into(unet, unet_weights(state, names, use_ema), f"{yaml_path} (unet_config)", assign=True)
+    first = {k[len(FIRST_STAGE) :]: v for k, v in state.items() if k.startswith(FIRST_STAGE)}
+    load_into(autoencoder, first, f"{yaml_path} (first_stage_config)", assign=True)
+    autoencoder.eval().requires_grad_(False)
     scale = state["scale_factor"].item() if "scale_factor" in state else float(params.get("scale_factor", 1.0))
-    first_stage = LatentCodec(autoencoder, scale, ae_config)
-    conditioner = build_conditioner(params, state, text_encoder, autoencoder.latent_channels)
     module = LatentDiffusionModule(
-        unet=unet, conditioner=conditioner, first_stage=first_stage, loss=build_loss(params, state), optim={},
-        ema_decay=0.0,  # sampling only: the EMA weights (if wanted) are copied in below
+        unet=unet, conditioner=conditioner, first_stage=LatentCodec(autoencoder, scale, ae_config),
+        loss=build_loss(params, state), optim={},
+        ema_decay=0.0,  # sampling only: the EMA weights (if wanted) are already in the UNet
     )
-    weights = {"unet." + k: v for k, v in unet_weights(state, [n for n, _ in unet.named_parameters()], use_ema).items()}
-    weights.update(
-        {name: v for k, v in state.items() if not k.startswith((UNET, TEXT)) and (name := to_our_names(k))}
-    )
-    load_into(module, weights, str(yaml_path), skip=(f"conditioner.conditioners.{TEXT_NAME}.",))
     summary = {
         "unet_config": params["unet_config"].get("params"),
         "scale_factor": scale,
@@ -319,9 +323,13 @@ def load_compvis(
 
 
 def load_into(
-    module: torch.nn.Module, weights: Mapping[str, Tensor], config_name: str, skip: tuple[str, ...] = ()
+    module: torch.nn.Module,
+    weights: Mapping[str, Tensor],
+    config_name: str,
+    skip: tuple[str, ...] = (),  # prefixes loaded elsewhere (e.g. a pretrained text encoder)
+    assign: bool = False,  # take the tensors themselves (for modules built on the meta device)
 ) -> None:
-    """Copy weights (cast to each tensor's dtype); every tensor not under `skip` must be covered, none left over."""
+    """Load weights cast to each tensor's dtype; every tensor not under `skip` must be covered, none left over."""
     own = module.state_dict()
     missing = sorted(k for k in own if k not in weights and not k.startswith(skip))
     unexpected = sorted(k for k in weights if k not in own)
@@ -340,7 +348,7 @@ def load_into(
             "Is it the config this checkpoint was trained with?"
         )
     cast = {k: v.to(own[k].dtype) for k, v in weights.items()}
-    module.load_state_dict(cast, strict=False)
+    module.load_state_dict(cast, strict=False, assign=assign)
 
 
 __all__ = [

@@ -31,7 +31,7 @@ DDCONFIG_REQUIRED = (
     "num_res_blocks",
     "attn_resolutions",
 )
-DDCONFIG_OPTIONAL = ("dropout", "resamp_with_conv", "attn_type")
+DDCONFIG_OPTIONAL = ("dropout", "resamp_with_conv", "attn_type", "norm_groups")  # norm_groups: ours
 
 
 def _check_ddconfig(ddconfig: Mapping[str, Any], model: str) -> dict[str, Any]:

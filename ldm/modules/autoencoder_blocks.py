@@ -20,8 +20,8 @@ from ldm.modules.attention import GroupNorm32
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:  # CompVis name
     """GroupNorm (Wu & He 2018) with eps=1e-6 as in CompVis, computed in float32 for half-precision inputs.
 
-    CompVis always uses 32 groups; we take gcd(32, channels), which is 32 for every released config
-    (channels are multiples of 32) and still works for the tiny test models (e.g. 16 channels).
+    CompVis always uses 32 groups; we take gcd(num_groups, channels), which is 32 for every released config
+    (channels are multiples of 32) and still works for narrow models (e.g. 16 channels).
     """
     return GroupNorm32(math.gcd(num_groups, in_channels), in_channels, eps=1e-6, affine=True)
 
@@ -73,14 +73,15 @@ class ResnetBlock(nn.Module):
         out_channels: int | None = None,
         conv_shortcut: bool = False,  # 3x3 instead of 1x1 shortcut; never used by released configs
         dropout: float = 0.0,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -100,10 +101,10 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1-conv q/k/v/proj_out and a residual connection."""
 
-    def __init__(self, in_channels: int) -> None:
+    def __init__(self, in_channels: int, norm_groups: int = 32) -> None:
         super().__init__()
         self.in_channels = in_channels
-        self.norm = Normalize(in_channels)
+        self.norm = Normalize(in_channels, norm_groups)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)
@@ -145,6 +146,9 @@ class Encoder(nn.Module):
         z_channels: int,
         double_z: bool = True,  # output mean and log-variance (KL) or a single latent (VQ)
         attn_type: str = "vanilla",
+        # GroupNorm groups; 32 as CompVis. Narrow models (ch < 64) learn much faster with fewer, e.g. 4:
+        # 32 groups of 16 or 32 channels normalise every channel alone and wash out per-image colour.
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         _check_attn_type(attn_type)
@@ -166,10 +170,10 @@ class Encoder(nn.Module):
             block_in = ch * in_ch_mult[i_level]
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks):
-                block.append(ResnetBlock(block_in, block_out, dropout=dropout))
+                block.append(ResnetBlock(block_in, block_out, dropout=dropout, norm_groups=norm_groups))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(AttnBlock(block_in))
+                    attn.append(AttnBlock(block_in, norm_groups))
             down = nn.Module()
             down.block = block
             down.attn = attn
@@ -179,11 +183,11 @@ class Encoder(nn.Module):
             self.down.append(down)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         out_channels = 2 * z_channels if double_z else z_channels
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
 
@@ -218,6 +222,9 @@ class Decoder(nn.Module):
         z_channels: int,
         double_z: bool = True,  # unused by the decoder; part of the shared ddconfig
         attn_type: str = "vanilla",
+        # GroupNorm groups; 32 as CompVis. Narrow models (ch < 64) learn much faster with fewer, e.g. 4:
+        # 32 groups of 16 or 32 channels normalise every channel alone and wash out per-image colour.
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         _check_attn_type(attn_type)
@@ -233,9 +240,9 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
 
         up_levels: list[nn.Module] = []
         for i_level in reversed(range(self.num_resolutions)):
@@ -243,10 +250,10 @@ class Decoder(nn.Module):
             attn = nn.ModuleList()
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(block_in, block_out, dropout=dropout))
+                block.append(ResnetBlock(block_in, block_out, dropout=dropout, norm_groups=norm_groups))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(AttnBlock(block_in))
+                    attn.append(AttnBlock(block_in, norm_groups))
             up = nn.Module()
             up.block = block
             up.attn = attn
@@ -256,7 +263,7 @@ class Decoder(nn.Module):
             up_levels.insert(0, up)  # keep CompVis indexing: up.0 is the full-resolution level
         self.up = nn.ModuleList(up_levels)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:

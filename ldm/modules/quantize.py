@@ -139,6 +139,17 @@ class VectorQuantizer(nn.Module):
             self.ema_cluster_size[dead] = 1.0
             self.ema_embed_sum[dead] = new_codes
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Released codebooks (no EMA/usage buffers) load too: the buffers start from the loaded codebook."""
+        weight = state_dict.get(prefix + "embedding.weight")
+        if weight is not None:
+            if self.ema_decay is not None and prefix + "ema_embed_sum" not in state_dict:
+                state_dict[prefix + "ema_embed_sum"] = weight.detach().clone()
+                state_dict[prefix + "ema_cluster_size"] = torch.ones(weight.shape[0])
+            if self.restart_dead_codes and prefix + "code_usage" not in state_dict:
+                state_dict[prefix + "code_usage"] = torch.ones(weight.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def lookup(self, indices: Tensor) -> Tensor:
         """Code indices (B, h, w) -> quantised latent (B, C, h, w)."""
         return self.embedding(indices).permute(0, 3, 1, 2).contiguous()

@@ -150,11 +150,10 @@ class UNetModel(nn.Module):
                 ch,
                 heads,
                 dim_head,
-                transformer_depth,
-                0.0,
-                context_dim,
-                use_linear_in_transformer,
-                use_checkpoint,
+                depth=transformer_depth,
+                context_dim=context_dim,
+                use_linear=use_linear_in_transformer,
+                use_checkpoint=use_checkpoint,
             )
 
         def resblock(ch: int, out_ch: int) -> ResBlock:
@@ -245,6 +244,8 @@ class UNetModel(nn.Module):
         """Predict the model output for noisy latents x (N, C_in, H, W) at (possibly fractional) timesteps."""
         if (y is None) != (self.num_classes is None):
             raise ValueError("UNetModel: pass y (class labels) if and only if num_classes is set")
+        if context is None and self.context_dim is not None:
+            raise ValueError(f"UNetModel: pass context (N, L, {self.context_dim}) for cross-attention")
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         t_emb = timestep_embedding(timesteps, self.model_channels)  # (N, C) float32

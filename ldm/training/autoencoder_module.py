@@ -56,6 +56,8 @@ class AutoencoderModule(pl.LightningModule):
         disc_learning_rate: float | None = None,  # None: same as learning_rate
     ) -> None:
         super().__init__()
+        # Plain floats, not an OmegaConf ListConfig from Hydra: checkpoints must load with weights_only=True
+        betas = tuple(float(b) for b in betas)
         self.save_hyperparameters(ignore=["autoencoder", "loss"])
         self.autoencoder = autoencoder
         self.loss = loss
@@ -166,14 +168,12 @@ class AutoencoderModule(pl.LightningModule):
             {"params": [p for p in self.autoencoder.parameters() if p.requires_grad]},
             {"params": [self.loss.logvar], "weight_decay": 0.0},  # a scalar scale, not a weight to shrink
         ]
-        opt_g = torch.optim.AdamW(
-            groups, lr=hp.learning_rate, betas=tuple(hp.betas), weight_decay=hp.weight_decay
-        )
+        opt_g = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=hp.betas, weight_decay=hp.weight_decay)
         disc_lr = hp.learning_rate if hp.disc_learning_rate is None else hp.disc_learning_rate
         opt_d = torch.optim.AdamW(
             [p for p in discriminator.parameters() if p.requires_grad],
             lr=disc_lr,
-            betas=tuple(hp.betas),
+            betas=hp.betas,
             weight_decay=hp.weight_decay,
         )
         warmup = LinearWarmup(hp.lr_warmup_steps)

@@ -66,6 +66,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self._ema_step = -1
         self._fixed_batch: dict[str, Any] | None = None
         self._backup: list[Tensor] | None = None
+        self._base_seed = 0
 
     def _init_weights(self, path: str) -> None:
         """Load UNet (+ trainable conditioner) weights for fine-tuning; EMA then starts from them."""
@@ -94,15 +95,16 @@ class LatentDiffusionModule(pl.LightningModule):
     def encode_fn(self, pixels: Tensor) -> Tensor:
         return self.first_stage.encode_pixels(pixels, sample=False)
 
-    def latents(self, batch: Mapping[str, Any]) -> Tensor:
+    def latents(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
         """Scaled latents of a batch: from cached posterior moments, or by encoding `image`."""
         if all(k in batch for k in LATENT_KEYS):
             mean, logvar = batch["latent_mean"].float(), batch["latent_logvar"].float()
-            unscaled = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+            unscaled = mean + (0.5 * logvar).exp() * noise
         elif "latent" in batch:
             unscaled = batch["latent"].float()
         elif "image" in batch:
-            unscaled = self.first_stage.encode_unscaled(batch["image"], sample=True)
+            unscaled = self.first_stage.encode_unscaled(batch["image"], sample=True, generator=generator)
         else:
             raise UserError(f"batch has neither 'image' nor latent keys {LATENT_KEYS}; got {sorted(batch)}")
         if not self.first_stage.scale_known:
@@ -114,13 +116,25 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # ---- training ---------------------------------------------------------------------------------
 
-    def _step(self, batch: Mapping[str, Any], train: bool, generator=None) -> tuple[Tensor, dict]:
-        z = self.latents(batch)
-        cond = self.conditioner(batch, train=train, encode_fn=self.encode_fn, latent_size=tuple(z.shape[-2:]))
+    def _step(self, batch: Mapping[str, Any], train: bool, generator: torch.Generator) -> tuple[Tensor, dict]:
+        z = self.latents(batch, generator)
+        cond = self.conditioner(
+            batch, train=train, generator=generator, encode_fn=self.encode_fn, latent_size=tuple(z.shape[-2:])
+        )
         return self.loss(self.net, z, cond, generator=generator)
 
+    def _generator(self, *parts: int) -> torch.Generator:
+        """All step randomness (t, noise, posterior sample, condition dropout) from (seed, step, rank):
+        a resumed run draws exactly what the uninterrupted one would, and DDP ranks draw differently."""
+        seed = (self._base_seed * 1_000_003 + sum(p * 7919**i for i, p in enumerate(parts, 1))) % 2**63
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def on_fit_start(self) -> None:
+        self._base_seed = torch.initial_seed()  # set by seed_everything(cfg.seed) in train.py
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, logs = self._step(batch, train=True)
+        gen = self._generator(self.global_step, self.trainer.accumulate_grad_batches, batch_idx, self.global_rank + 1)
+        loss, logs = self._step(batch, train=True, generator=gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}: lower optim.lr, "
@@ -144,7 +158,7 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # Fixed t and noise per batch index: the validation loss is comparable from one check to the next.
-        gen = torch.Generator(self.device).manual_seed(1234 + batch_idx)
+        gen = torch.Generator(self.device).manual_seed(1234 + batch_idx + 7919 * self.global_rank)
         loss, _ = self._step(batch, train=False, generator=gen)
         bs = _batch_len(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)

@@ -1,0 +1,162 @@
+"""Loader throughput vs the raw decode limit on the same JPEG shards, with the same number of processes.
+
+    python bench/bench_dataloader.py [--n 1500] [--size 384] [--resolution 256] [--workers 2] [--task inpaint]
+
+"raw" = PIL decode + shortest-side resize + centre crop of the very same JPEG bytes in a tight loop,
+one process per worker (the ceiling for any loader that decodes with PIL). "ldm" = ShardDataModule
+(tar reading, decode, random crop, flip, tensor conversion, optional task transform, batching and
+the hand-over from worker processes). Goal: ldm >= 90% of raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def make_jpeg_shards(folder: Path, n: int, size: int, shard_size: int = 250) -> list[bytes]:
+    """n JPEGs (100 distinct shapes scenes, upscaled, with grain so they do not compress to nothing)."""
+    import webdataset as wds
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+    from make_dataset import make_sample
+
+    rng = np.random.default_rng(0)
+    distinct = []
+    for i in range(min(n, 100)):
+        s = make_sample(0, "train", i, 64)
+        img = np.asarray(
+            s["image"].resize((size, int(size * 0.75)), Image.Resampling.BICUBIC), dtype=np.int16
+        )
+        img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        distinct.append((buf.getvalue(), s["caption"]))
+    images = []
+    with wds.ShardWriter(str(folder / "bench-%06d.tar"), maxcount=shard_size, verbose=0) as writer:
+        for i in range(n):
+            data, caption = distinct[i % len(distinct)]
+            writer.write({"__key__": f"{i:08d}", "jpg": data, "txt": caption})
+            images.append(data)
+    return images
+
+
+def _raw_worker(args: tuple[list[bytes], int, float]) -> tuple[int, float]:
+    blobs, resolution, start_at = args
+    while time.time() < start_at:  # all processes start together
+        time.sleep(0.001)
+    t0 = time.perf_counter()
+    for data in blobs:
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (resolution, resolution))
+        img = img.convert("RGB")
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img.resize(
+            (resolution, resolution), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)
+        )
+    return len(blobs), time.perf_counter() - t0
+
+
+def _cpu() -> float:
+    """CPU seconds of this process plus its finished children (pool/loader workers are reaped on exit)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def bench_raw(blobs: list[bytes], resolution: int, workers: int) -> tuple[float, float]:
+    """(samples/s, samples per CPU-second) of decode+resize alone, split over `workers` processes."""
+    parts = [blobs[i::workers] for i in range(workers)]
+    cpu0 = _cpu()
+    with mp.get_context("fork").Pool(workers) as pool:
+        start_at = time.time() + 0.5
+        results = pool.map(_raw_worker, [(p, resolution, start_at) for p in parts])
+        pool.close()
+        pool.join()
+    cpu = _cpu() - cpu0
+    n = sum(k for k, _ in results)
+    return n / max(t for _, t in results), n / cpu
+
+
+def bench_loader(
+    folder: Path, resolution: int, workers: int, batch_size: int, task: str | None
+) -> tuple[float, float]:
+    """(samples/s, samples per CPU-second) of one ShardDataModule epoch, worker start-up included."""
+    from ldm.data.datamodule import ShardDataModule
+
+    task_obj = None
+    if task == "inpaint":
+        from ldm.data.masks import InpaintingMask
+
+        task_obj = InpaintingMask()
+    elif task == "superres":
+        from ldm.data.degradations import SuperResolution
+
+        task_obj = SuperResolution(4)
+    dm = ShardDataModule(
+        str(folder / "bench-*.tar"),
+        None,
+        batch_size=batch_size,
+        num_workers=workers,
+        resolution=resolution,
+        keys=["image", "caption"],
+        task=task_obj,
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    cpu0, t0 = _cpu(), time.perf_counter()
+    n = sum(len(b["caption"]) for b in loader)
+    wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
+    return n / wall, n / cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=1000, help="images in the benchmark shards")
+    p.add_argument("--size", type=int, default=512, help="width of the stored JPEGs (4:3)")
+    p.add_argument("--resolution", type=int, default=256, help="training crop side")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--task", choices=["none", "inpaint", "superres"], default="none")
+    p.add_argument("--repeats", type=int, default=2, help="best of this many timed runs each")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        t0 = time.perf_counter()
+        blobs = make_jpeg_shards(folder, a.n, a.size)
+        print(
+            f"# {a.n} JPEGs {a.size}x{int(a.size * 0.75)} -> {a.resolution}px crops, {a.workers} worker(s), "
+            f"batch {a.batch_size}, task {a.task} (data written in {time.perf_counter() - t0:.1f}s)"
+        )
+        raw = loader = (0.0, 0.0)
+        task = None if a.task == "none" else a.task
+        for _ in range(a.repeats):  # interleaved, so both see the same machine load; best of each
+            raw = tuple(map(max, raw, bench_raw(blobs, a.resolution, a.workers)))
+            loader = tuple(
+                map(max, loader, bench_loader(folder, a.resolution, a.workers, a.batch_size, task))
+            )
+    print(f"{'':28s}{'samples/s':>12s}{'per CPU-s':>12s}")
+    print(f"{'raw PIL decode+resize':28s}{raw[0]:12.0f}{raw[1]:12.0f}")
+    print(f"{'ldm ShardDataModule':28s}{loader[0]:12.0f}{loader[1]:12.0f}")
+    print(f"{'ratio (goal >= 0.90)':28s}{loader[0] / raw[0]:12.2f}{loader[1] / raw[1]:12.2f}")
+    if os.getloadavg()[0] > (os.cpu_count() or 1):
+        print(
+            f"# machine busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): trust the CPU-time column"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

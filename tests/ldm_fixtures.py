@@ -1,0 +1,99 @@
+"""Tiny stage-1/stage-2 models built in code for tests (random init, CPU, seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ldm.interop.checkpoint import save_safetensors
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_AE = {
+    "_target_": "ldm.models.autoencoder.AutoencoderKL",
+    "embed_dim": 4,
+    "ddconfig": dict(
+        double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+        num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+    ),
+}
+
+# (conditioners, unet overrides) for every stage-2 conditioning mode
+MODES: dict[str, tuple[dict, dict]] = {
+    "uncond": ({}, {}),
+    "class": (
+        {"label": {"_target_": "ldm.conditioning.ClassEmbedder", "n_classes": 5, "output": "class", "dropout": 0.1}},
+        {"num_classes": 6},
+    ),
+    "class_crossattn": (
+        {"label": {"_target_": "ldm.conditioning.ClassEmbedder", "n_classes": 5, "embed_dim": 32, "dropout": 0.1}},
+        {"context_dim": 32},
+    ),
+    "txt2img": (
+        {"text": {"_target_": "ldm.conditioning.FrozenTextEncoder", "max_length": 12, "dropout": 0.1}},
+        {"context_dim": 384},
+    ),
+    "bert": (
+        {"text": {"_target_": "ldm.conditioning.BERTEmbedder", "n_layer": 1, "n_embed": 32, "max_length": 12,
+                  "dropout": 0.1}},
+        {"context_dim": 32},
+    ),
+    "inpaint": (
+        {
+            "inpaint": {"_target_": "ldm.conditioning.InpaintingConditioner", "latent_channels": 4},
+            "text": {"_target_": "ldm.conditioning.FrozenTextEncoder", "max_length": 12, "dropout": 0.1},
+        },
+        {"in_channels": 9, "context_dim": 384},
+    ),
+    "superres": (
+        {"lowres": {"_target_": "ldm.conditioning.SuperResConditioner", "upscale": 2.0}},
+        {"in_channels": 7},
+    ),
+    "semantic": (
+        {"segmap": {"_target_": "ldm.conditioning.SemanticMapConditioner", "num_classes": 6, "downsample_factor": 2}},
+        {"in_channels": 10},
+    ),
+}
+
+
+def save_tiny_autoencoder(folder: Path) -> Path:
+    torch.manual_seed(0)
+    ae = instantiate(TINY_AE)
+    return save_safetensors(ae.state_dict(), folder / "model.safetensors", {"model": {"autoencoder": TINY_AE}})
+
+
+def ldm_config(ae_path: Path | str, mode: str, **overrides: Any) -> dict:
+    """A stage-2 LatentDiffusionModule config like conf/model/ldm.yaml, scaled down."""
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/ldm.yaml"))
+    cfg.pop("defaults")
+    conditioners, unet = MODES[mode]
+    cfg["sampler"] = {"_target_": "ldm.samplers.sample_ddim", "_partial_": True}
+    cfg["first_stage"]["path"] = str(ae_path)
+    cfg["unet"].update(model_channels=32, channel_mult=[1, 2], attention_resolutions=[2], num_res_blocks=1)
+    cfg["unet"].update(unet)
+    cfg["conditioner"]["conditioners"] = conditioners
+    cfg["preview_steps"] = 4
+    cfg["optim"]["warmup_steps"] = 0
+    cfg["optim"]["lr"] = 1e-3
+    cfg.update(overrides)
+    return cfg
+
+
+def make_batch(mode: str, n: int = 4, size: int = 16, seed: int = 0) -> dict:
+    """A synthetic batch with every field the contract defines."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+    mask = (torch.rand(n, 1, size, size, generator=g) > 0.5).float()
+    return {
+        "image": image,
+        "caption": [f"a {c} circle" for c in ["red", "blue", "green", "yellow", "white", "black"][:n]],
+        "label": torch.arange(n) % 5,
+        "segmap": torch.randint(0, 6, (n, size, size), generator=g),
+        "mask": mask,
+        "masked_image": image * (1 - mask),
+        "lowres": torch.nn.functional.interpolate(image, scale_factor=0.25, mode="bilinear"),
+    }
