@@ -4,10 +4,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Tiny models gain nothing from intra-op threads, and several threads per process oversubscribe the
+# 2-core CI machine (multi-process DDP tests especially): one thread is the fastest setting here.
+torch.set_num_threads(int(os.environ.get("LDM_TEST_THREADS", "1")))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
