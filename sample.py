@@ -1,8 +1,8 @@
 """Sample from a trained model: every conditioning task, from any supported checkpoint.
 
-    python sample.py task=txt2img ckpt=outputs/txt2img/latest/model.safetensors prompt="a red circle" n=4
-    python sample.py task=inpaint ckpt=... image=photo.png mask=mask.png prompt="a blue square"
-    python sample.py ckpt=sd-v1-4.ckpt config=v1-inference.yaml text_encoder=clip-vit-large-patch14 prompt=...
+python sample.py task=txt2img ckpt=outputs/txt2img/latest/model.safetensors prompt="a red circle" n=4
+python sample.py task=inpaint ckpt=... image=photo.png mask=mask.png prompt="a blue square"
+python sample.py ckpt=sd-v1-4.ckpt config=v1-inference.yaml text_encoder=clip-vit-large-patch14 prompt=...
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from typing import Any
 os.environ.setdefault("LDM_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import UserError
-from ldm.interop.load import load_model
+from ldm.interop.load import instantiate_or_user_error, load_model
 from ldm.samplers.sigmas import StepSchedule
 from ldm.sampling import Settings, prepare, resolve_device, run_job, write_outputs
 from ldm.training.runtime import resolved_config, user_errors_exit
@@ -32,9 +30,11 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     """Compose -> load -> build the task's job -> sample -> write files; returns the run record."""
     start = time.perf_counter()
     if not cfg.get("ckpt"):
-        raise UserError("pass ckpt=<model.safetensors or .ckpt from train.py, or a CompVis checkpoint + config=>.")
+        raise UserError(
+            "pass ckpt=<model.safetensors or .ckpt from train.py, or a CompVis checkpoint + config=>."
+        )
     settings = Settings(
-        sampler=_instantiate(cfg.sampler),
+        sampler=instantiate_or_user_error(cfg.sampler, _convert_="all"),
         steps=StepSchedule(steps=int(cfg.steps), spacing=str(cfg.spacing)),
         cfg_scale=float(cfg.cfg_scale),
         batch_size=int(cfg.batch_size),
@@ -43,28 +43,24 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         precision=str(cfg.precision),
         progress=bool(cfg.progress),
     )
-    task = _instantiate(cfg.task)
-    loaded = load_model(cfg.ckpt, config=cfg.get("config"), use_ema=bool(cfg.use_ema), text_encoder=cfg.get("text_encoder"))
+    task = instantiate_or_user_error(cfg.task, _convert_="all")
+    task.preflight()
+    loaded = load_model(
+        cfg.ckpt, config=cfg.get("config"), use_ema=bool(cfg.use_ema), text_encoder=cfg.get("text_encoder")
+    )
     load_s = time.perf_counter() - start
     job = task.build(loaded, n=int(cfg.n), height=cfg.get("height"), width=cfg.get("width"))
     prepare(loaded, settings.device, compile_unet=bool(cfg.get("compile")))
     result = run_job(loaded, job, settings)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
-    run = {**{k: cfg[k] for k in RUN_KEYS}, "device": str(settings.device), "sampler": sampler,
-           "sampler_name": str(sampler.get("_target_", "")).rsplit(".", 1)[-1]}
+    run = {
+        **{k: cfg[k] for k in RUN_KEYS},
+        "device": str(settings.device),
+        "sampler": sampler,
+        "sampler_name": str(sampler.get("_target_", "")).rsplit(".", 1)[-1],
+    }
     timings = {"load_s": load_s, "total_s": time.perf_counter() - start}
     return write_outputs(cfg.out_dir, result, job, loaded, run, resolved_config(cfg), timings)
-
-
-def _instantiate(node: DictConfig) -> Any:
-    """Hydra instantiate, re-raising a UserError from inside the constructor as itself."""
-    try:
-        return instantiate(node, _convert_="all")
-    except InstantiationException as e:
-        err: BaseException | None = e
-        while err is not None and not isinstance(err, UserError):
-            err = err.__cause__ or err.__context__
-        raise (err or e) from None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

@@ -3,10 +3,11 @@
 Same UNet size and weights (the tiny SD-v1-structured reference model, converted to diffusers' layout
 when the reference file is present), same sampler and steps, classifier-free guidance, same x_T and
 conditioning, hand-written diffusers loop (scheduler + UNet, no text encoder / VAE). A second variant
-runs both samplers on OUR UNet to isolate the sampler overhead. Also prints how far the two results
+runs both samplers on OUR UNet, a third on a near-free stand-in network, to isolate the sampler
+overhead. Also prints how far the two results
 are apart (they should agree to ~1e-5: same algorithm, same noise levels).
 
-    python bench/bench_sampling.py                      # ~1-2 minutes on 2 CPU cores
+    python bench/bench_sampling.py                      # ~1-2 minutes on a (shared) 2-core CPU
     python bench/bench_sampling.py --latent 64 --steps 50 --device cuda
 """
 
@@ -98,6 +99,13 @@ class EpsFromDiffusers(torch.nn.Module):
         return self.unet(x, t, encoder_hidden_states=context).sample
 
 
+class TrivialEps(torch.nn.Module):
+    """A near-free stand-in network: timing it measures the sampler's own per-step overhead."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return 0.1 * x
+
+
 def diffusers_loop(scheduler, eps_model, x_T, context, uncond, scale, steps) -> torch.Tensor:
     """The StableDiffusionPipeline denoising loop, by hand: batched CFG, scheduler.step."""
     scheduler.set_timesteps(steps, device=x_T.device)
@@ -118,30 +126,38 @@ def our_loop(sampler, eps_model, sigmas, final_vp, x_T, context, uncond, scale) 
     return to_variance_preserving(out, sigmas[-1]) if final_vp else out
 
 
-def timed(fn, repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
-    """Best-of-`repeats` wall time (after one warm-up run) and the result."""
-    out = fn()
-    best = float("inf")
-    for _ in range(repeats):
+def timed_pair(
+    run_a, run_b, repeats: int, device: torch.device
+) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Best-of-`repeats` wall times of two runs, alternated so both see the same machine load."""
+
+    def once(fn):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         out = fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        return time.perf_counter() - start, out
+
+    run_a(), run_b()  # warm-up
+    best_a = best_b = float("inf")
+    for _ in range(repeats):
+        (t_a, out_a), (t_b, out_b) = once(run_a), once(run_b)
+        best_a, best_b = min(best_a, t_a), min(best_b, t_b)
+    return best_a, best_b, out_a, out_b
 
 
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--latent", type=int, default=32, help="latent height = width (32: a 256 px image)")
-    parser.add_argument("--batch", type=int, default=2, help="images per sampling run")
+    parser.add_argument("--latent", type=int, default=16, help="latent height = width (64: a 512 px image)")
+    parser.add_argument("--batch", type=int, default=1, help="images per sampling run")
     parser.add_argument("--scale", type=float, default=7.5, help="guidance scale")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best is kept)")
-    parser.add_argument("--threads", type=int, default=2)
+    # 1 thread by default: on a CPU shared with other jobs, 2 OpenMP threads ran ~10x slower, not faster.
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
@@ -182,6 +198,7 @@ def main() -> None:
         for variant, our_unet, their_unet in (
             ("ours vs diffusers (own UNets)", ours, EpsFromDiffusers(theirs)),
             ("same UNet (ours) for both", ours, ours),
+            ("no UNet (sampler overhead)", TrivialEps(), TrivialEps()),
         ):
             run_ours = partial(
                 our_loop, sampler, our_unet, sigmas, final_vp, x_T, context, uncond, args.scale
@@ -189,8 +206,7 @@ def main() -> None:
             run_diffusers = partial(
                 diffusers_loop, scheduler, their_unet, x_T, context, uncond, args.scale, args.steps
             )
-            t_ours, out_ours = timed(run_ours, args.repeats, device)
-            t_diff, out_diff = timed(run_diffusers, args.repeats, device)
+            t_ours, t_diff, out_ours, out_diff = timed_pair(run_ours, run_diffusers, args.repeats, device)
             rel = ((out_ours - out_diff).norm() / out_diff.norm()).item()
             row = dict(
                 sampler=name,
@@ -204,7 +220,8 @@ def main() -> None:
             print(
                 f"{name:8s} {variant:30s} ours {row['ours_s_per_image'] * 1e3:8.1f} ms/img   "
                 f"diffusers {row['diffusers_s_per_image'] * 1e3:8.1f} ms/img   "
-                f"ours/diffusers {row['ratio']:.3f}   |out diff|/|out| {rel:.1e}"
+                f"ours/diffusers {row['ratio']:.3f}   |out diff|/|out| {rel:.1e}",
+                flush=True,
             )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -149,6 +149,23 @@ def test_epoch_length_without_resampling_cycles_shards(shapes):
     assert len(counts) == 48 and max(counts.values()) == 2  # every sample once, then a second pass
 
 
+def test_resampling_needs_an_epoch_length_and_readable_shards(shapes, tmp_path):
+    with pytest.raises(UserError, match="set data.epoch_length"):
+        ShardDataModule(str(shapes / "train-*.tar"), None, resampled=True)
+    for i in range(3):
+        with tarfile.open(tmp_path / f"e-{i}.tar", "w"):
+            pass
+    stream = _dm(shapes, resampled=True, epoch_length=10, val=None).train_dataloader().stream
+    stream.urls = [str(tmp_path / f"e-{i}.tar") for i in range(3)]  # shards that went empty after setup
+    with pytest.raises(UserError, match="100 shards in a row held no readable sample"):
+        list(stream)
+
+
+def test_segmap_without_image_is_cropped_too(shapes):
+    batch = next(iter(_dm(shapes, keys=["segmap"], resolution=16, val=None).train_dataloader()))
+    assert set(batch) == {"segmap"} and batch["segmap"].shape == (4, 16, 16)
+
+
 def test_missing_shards_name_the_spec(tmp_path):
     dm = ShardDataModule(str(tmp_path / "nothing-{000000..000003}.tar"), None)
     with pytest.raises(UserError, match=r"nothing-\{000000\.\.000003\}\.tar.*matches no shard"):
@@ -223,6 +240,20 @@ def test_corrupt_samples_are_skipped_and_counted(shapes, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert len(_keys(dm.train_dataloader())) == 16
     assert "sample 'train_00000005' of shard " + str(tmp_path / "train-000000.tar") in caplog.text
+
+
+def test_all_samples_bad_is_a_clear_error(shapes, tmp_path, monkeypatch):
+    src = sorted(shapes.glob("train-*.tar"))[0]
+    _copy_with_damage(src, tmp_path / "train-000000.tar", {f"train_{i:08d}" for i in range(8)})
+    dm = ShardDataModule(str(tmp_path / "train-*.tar"), None, keys=["image"], num_workers=2)
+    dm.setup("fit")  # a corrupt first sample alone is not fatal (it may be the only one)
+    with pytest.raises(UserError, match=r"^data.train_shards: rank 0 read no usable sample"):
+        list(dm.train_dataloader())
+    import ldm.data.pipeline
+
+    monkeypatch.setattr(ldm.data.pipeline, "MAX_CONSECUTIVE_ERRORS", 3)  # forked workers inherit it
+    with pytest.raises(UserError, match=r"^3 samples in a row could not be used; the last: .*train_0000000"):
+        list(dm.train_dataloader())
 
 
 def test_worker_crash_raises_instead_of_hanging(shapes):

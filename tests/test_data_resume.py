@@ -145,19 +145,23 @@ def _trainer(tmp_path: Path, **kw) -> pl.Trainer:
     )
 
 
-def test_lightning_checkpoint_resume(shapes, tmp_path):
+@pytest.mark.parametrize(
+    "extra", [{}, {"resampled": True, "epoch_length": 30}], ids=["one-pass", "resampled"]
+)
+def test_lightning_checkpoint_resume(shapes, tmp_path, extra):
     """Checkpoint mid-epoch 1 with ModelCheckpoint, resume with ckpt_path: same batches as uninterrupted."""
+    step = 19 if not extra else 13  # epoch 0 has 14 (one pass) or 10 (epoch_length 30) batches
     full_model = _Recorder()
     ckpt = pl.callbacks.ModelCheckpoint(
-        dirpath=tmp_path / "ckpt", every_n_train_steps=19, save_top_k=-1, filename="{step}"
+        dirpath=tmp_path / "ckpt", every_n_train_steps=step, save_top_k=-1, filename="{step}"
     )
-    _trainer(tmp_path, callbacks=[ckpt]).fit(full_model, datamodule=_dm(shapes, num_workers=2))
+    _trainer(tmp_path, callbacks=[ckpt]).fit(full_model, datamodule=_dm(shapes, num_workers=2, **extra))
     per_epoch = len([s for s in full_model.seen if s[0] == 0])
-    assert 19 > per_epoch  # the checkpoint falls in the middle of epoch 1
-    path = tmp_path / "ckpt" / "step=19.ckpt"
+    assert per_epoch < step < 2 * per_epoch  # the checkpoint falls in the middle of epoch 1
+    path = tmp_path / "ckpt" / f"step={step}.ckpt"
     state = torch.load(path, weights_only=True)["ShardDataModule"]
-    assert state["loader"]["epoch"] == 1 and state["loader"]["batches"] == 19 - per_epoch
+    assert state["loader"]["epoch"] == 1 and state["loader"]["batches"] == step - per_epoch
 
     resumed_model = _Recorder()
-    _trainer(tmp_path).fit(resumed_model, datamodule=_dm(shapes, num_workers=2), ckpt_path=path)
-    assert resumed_model.seen == full_model.seen[19:]
+    _trainer(tmp_path).fit(resumed_model, datamodule=_dm(shapes, num_workers=2, **extra), ckpt_path=path)
+    assert resumed_model.seen == full_model.seen[step:]

@@ -31,10 +31,19 @@ SD_V1_YAML = {  # configs/stable-diffusion/v1-inference.yaml (training-only keys
             "unet_config": {
                 "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
                 "params": {
-                    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-                    "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
-                    "num_heads": 8, "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 768,
-                    "use_checkpoint": True, "legacy": False,
+                    "image_size": 32,
+                    "in_channels": 4,
+                    "out_channels": 4,
+                    "model_channels": 320,
+                    "attention_resolutions": [4, 2, 1],
+                    "num_res_blocks": 2,
+                    "channel_mult": [1, 2, 4, 4],
+                    "num_heads": 8,
+                    "use_spatial_transformer": True,
+                    "transformer_depth": 1,
+                    "context_dim": 768,
+                    "use_checkpoint": True,
+                    "legacy": False,
                 },
             },
             "first_stage_config": {
@@ -43,8 +52,15 @@ SD_V1_YAML = {  # configs/stable-diffusion/v1-inference.yaml (training-only keys
                     "embed_dim": 4,
                     "monitor": "val/rec_loss",
                     "ddconfig": {
-                        "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
-                        "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+                        "double_z": True,
+                        "z_channels": 4,
+                        "resolution": 256,
+                        "in_channels": 3,
+                        "out_ch": 3,
+                        "ch": 128,
+                        "ch_mult": [1, 2, 4, 4],
+                        "num_res_blocks": 2,
+                        "attn_resolutions": [],
                         "dropout": 0.0,
                     },
                     "lossconfig": {"target": "torch.nn.Identity"},
@@ -71,7 +87,11 @@ def _one_thread():
 
 def byte_alphabet() -> list[str]:
     """GPT-2/CLIP byte -> printable-unicode table: every byte has a base token, so any text tokenizes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     extra = [b for b in range(256) if b not in printable]
     return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(extra))]
 
@@ -103,9 +123,16 @@ def clip(tmp_path_factory):
     root = tmp_path_factory.mktemp("clip")
     tokenizer = tiny_clip_tokenizer(root / "tokenizer_only")
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=CLIP_WIDTH, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=1, max_position_embeddings=77, hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=CLIP_WIDTH,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     model = CLIPTextModel(config).eval()
@@ -123,7 +150,7 @@ def compvis_text_state(model) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_sd(reference_dir, clip, tmp_path_factory):
-    """A tiny SD-v1-style checkpoint: reference UNet (as EMA) + noised raw UNet + autoencoder + CLIP, and its yaml."""
+    """A tiny SD-v1-style checkpoint (reference UNet as EMA, noised raw UNet, autoencoder, CLIP) + yaml."""
     path = reference_dir / "sd_v1_tiny.safetensors"
     tensors = load_file(str(path))
     with safe_open(str(path), "pt") as f:
@@ -204,27 +231,62 @@ def test_compvis_checkpoint_reproduces_reference_unet(tiny_sd, clip, suffix):
     torch.testing.assert_close(decoded, io["io.decoded"], rtol=1e-4, atol=1e-4)
     # The CLIP text encoder: the checkpoint's weights, giving what transformers' CLIPTextModel gives.
     text = module.conditioner.conditioners["text"]
-    ids = text.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+    ids = text.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt")[
+        "input_ids"
+    ]
     with torch.no_grad():
         expected = clip[2](input_ids=ids).last_hidden_state
     torch.testing.assert_close(text.encode_prompts(["a red circle"]), expected)
-    torch.testing.assert_close(text.null_context, clip[2](input_ids=text.tokenizer(
-        [""], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]).last_hidden_state.detach())
+    torch.testing.assert_close(
+        text.null_context,
+        clip[2](
+            input_ids=text.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt")[
+                "input_ids"
+            ]
+        ).last_hidden_state.detach(),
+    )
 
 
 def test_compvis_raw_weights_and_tokenizer_only_folder(tiny_sd, clip):
     root, io = tiny_sd
     # use_ema=false takes model.diffusion_model.* (noised here), a tokenizer-only folder the text config
     # read off the checkpoint's weights.
-    loaded = load_model(root / "tiny-sd.ckpt", config=root / "v1-tiny.yaml", use_ema=False, text_encoder=str(clip[1]))
+    loaded = load_model(
+        root / "tiny-sd.ckpt", config=root / "v1-tiny.yaml", use_ema=False, text_encoder=str(clip[1])
+    )
     assert not loaded.used_ema
     with torch.no_grad():
         eps = loaded.module.net(io["io.x"], io["io.t"], context=io["io.context"])
-        want = clip[2](input_ids=loaded.module.conditioner.conditioners["text"].tokenizer(
-            ["a red circle"], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]).last_hidden_state
+        want = clip[2](
+            input_ids=loaded.module.conditioner.conditioners["text"].tokenizer(
+                ["a red circle"], padding="max_length", max_length=77, return_tensors="pt"
+            )["input_ids"]
+        ).last_hidden_state
     assert (eps - io["io.eps"]).abs().max() > 1e-3
     got = loaded.module.conditioner.conditioners["text"].encode_prompts(["a red circle"])
     torch.testing.assert_close(got, want)
+
+
+def test_compvis_inpainting_yaml_builds_a_hybrid_conditioner(tiny_sd, clip, tmp_path):
+    """SD-inpainting (conditioning_key hybrid): cat([z_t, mask, E(masked image)]) + CLIP cross-attention."""
+    root, io = tiny_sd
+    params = yaml.safe_load((root / "v1-tiny.yaml").read_text())
+    p = params["model"]["params"]
+    p["conditioning_key"] = "hybrid"
+    p["unet_config"]["params"]["in_channels"] = 9
+    (tmp_path / "inpaint.yaml").write_text(yaml.safe_dump(params))
+    unet = compvis.build_unet(p)
+    state = {
+        k: v for k, v in load_file(str(root / "tiny-sd.safetensors")).items() if not k.startswith("model")
+    }
+    state.update({UNET + k: v for k, v in unet.state_dict().items()})
+    save_file(state, tmp_path / "inpaint.safetensors")
+    loaded = load_model(
+        tmp_path / "inpaint.safetensors", config=tmp_path / "inpaint.yaml", text_encoder=str(clip[0])
+    )
+    assert loaded.input_keys == ("masked_image", "mask", "caption") and not loaded.used_ema
+    assert loaded.module.conditioner.concat_channels == 5
+    assert all(torch.equal(loaded.module.unet.state_dict()[k], v) for k, v in unet.state_dict().items())
 
 
 def test_compvis_errors_name_the_fix(tiny_sd, tmp_path):
@@ -238,7 +300,9 @@ def test_compvis_errors_name_the_fix(tiny_sd, tmp_path):
     with pytest.raises(UserError, match="no such file"):
         load_model(root / "tiny-sd.ckpt", config=tmp_path / "missing.yaml", text_encoder=str(tmp_path))
     bad = yaml.safe_load((root / "v1-tiny.yaml").read_text())
-    bad["model"]["params"]["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"}
+    bad["model"]["params"]["cond_stage_config"] = {
+        "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
+    }
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(UserError, match="FrozenOpenCLIPEmbedder is not supported"):
         load_model(root / "tiny-sd.ckpt", config=tmp_path / "bad.yaml")
@@ -249,8 +313,18 @@ def test_compvis_errors_name_the_fix(tiny_sd, tmp_path):
 AUTOENCODER = {
     "_target_": "ldm.models.autoencoder.AutoencoderKL",
     "embed_dim": 4,
-    "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
-                 "ch_mult": [1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+    "ddconfig": {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 32,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 32,
+        "ch_mult": [1, 1],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    },
 }
 
 
@@ -259,19 +333,40 @@ def trained(tmp_path_factory):
     """A tiny class-conditional stage-2 module whose EMA differs from its raw weights, saved both ways."""
     root = tmp_path_factory.mktemp("trained")
     torch.manual_seed(0)
-    ae_path = save_safetensors(instantiate(AUTOENCODER).state_dict(), root / "ae" / "model.safetensors",
-                               {"model": {"autoencoder": AUTOENCODER}})
+    ae_path = save_safetensors(
+        instantiate(AUTOENCODER).state_dict(),
+        root / "ae" / "model.safetensors",
+        {"model": {"autoencoder": AUTOENCODER}},
+    )
     cfg = {
         "_target_": "ldm.training.diffusion_module.LatentDiffusionModule",
-        "unet": {"_target_": "ldm.modules.unet.UNetModel", "in_channels": 4, "out_channels": 4, "model_channels": 32,
-                 "num_res_blocks": 1, "attention_resolutions": [2], "channel_mult": [1, 2], "num_head_channels": 32,
-                 "num_classes": 4},
-        "conditioner": {"_target_": "ldm.conditioning.conditioner.Conditioner", "_convert_": "all", "conditioners": {
-            "label": {"_target_": "ldm.conditioning.ClassEmbedder", "n_classes": 3, "output": "class"}}},
-        "first_stage": {"_target_": "ldm.models.first_stage.codec_from_checkpoint", "path": str(ae_path),
-                        "scale_factor": 0.7},
-        "loss": {"_target_": "ldm.diffusion.loss.DiffusionLoss",
-                 "schedule": {"_target_": "ldm.diffusion.schedules.NoiseSchedule"}},
+        "unet": {
+            "_target_": "ldm.modules.unet.UNetModel",
+            "in_channels": 4,
+            "out_channels": 4,
+            "model_channels": 32,
+            "num_res_blocks": 1,
+            "attention_resolutions": [2],
+            "channel_mult": [1, 2],
+            "num_head_channels": 32,
+            "num_classes": 4,
+        },
+        "conditioner": {
+            "_target_": "ldm.conditioning.conditioner.Conditioner",
+            "_convert_": "all",
+            "conditioners": {
+                "label": {"_target_": "ldm.conditioning.ClassEmbedder", "n_classes": 3, "output": "class"}
+            },
+        },
+        "first_stage": {
+            "_target_": "ldm.models.first_stage.codec_from_checkpoint",
+            "path": str(ae_path),
+            "scale_factor": 0.7,
+        },
+        "loss": {
+            "_target_": "ldm.diffusion.loss.DiffusionLoss",
+            "schedule": {"_target_": "ldm.diffusion.schedules.NoiseSchedule"},
+        },
         "optim": {"lr": 1e-4},
         "ema_decay": 0.5,
     }
@@ -280,7 +375,9 @@ def trained(tmp_path_factory):
         for p in module.unet.parameters():
             p.add_(0.1 * torch.randn_like(p))  # raw weights move away from the EMA copy
     run_config = module.export_config({"model": cfg, "data": {"resolution": 16}})
-    torch.save({"state_dict": module.state_dict(), "ldm_config": run_config, "global_step": 1}, root / "last.ckpt")
+    torch.save(
+        {"state_dict": module.state_dict(), "ldm_config": run_config, "global_step": 1}, root / "last.ckpt"
+    )
     save_safetensors(module.export_state_dict(), root / "export" / "model.safetensors", run_config)
     ema = {n: module.ema._names[n] for n, _ in module.named_parameters() if n.startswith("unet.")}
     ema_weights = {n[5:]: getattr(module.ema, b).clone() for n, b in ema.items()}
@@ -309,7 +406,9 @@ def test_lightning_ckpt_and_export_load_the_right_weights(trained):
     assert float(export.module.first_stage.scale_factor) == pytest.approx(0.7)
     # The first stage comes from the file itself: the same decoder as the stage-1 autoencoder.
     ae_state = load_file(str(trained[3]))
-    assert all(torch.equal(export.module.first_stage.autoencoder.state_dict()[k], v) for k, v in ae_state.items())
+    assert all(
+        torch.equal(export.module.first_stage.autoencoder.state_dict()[k], v) for k, v in ae_state.items()
+    )
 
 
 def test_stage1_autoencoder_is_refused_with_what_it_is(trained):

@@ -1,4 +1,4 @@
-"""sample.py on bad input: one clear message per mistake (UserError -> one line, exit 2), and the CLI itself."""
+"""sample.py on bad input: one clear message per mistake (UserError -> one line, exit 2); the CLI."""
 
 import copy
 import logging
@@ -25,12 +25,30 @@ from sample import sample  # noqa: E402
 AUTOENCODER = {
     "_target_": "ldm.models.autoencoder.AutoencoderKL",
     "embed_dim": 4,
-    "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
-                 "ch_mult": [1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+    "ddconfig": {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 16,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 32,
+        "ch_mult": [1, 1],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    },
 }
 # A text model with a small BERT trained from scratch (no pretrained encoder to load: fast to start).
-BERT = {"text": {"_target_": "ldm.conditioning.BERTEmbedder", "n_layer": 1, "n_embed": 32, "max_length": 8,
-                 "n_heads": 2, "dropout": 0.1}}
+BERT = {
+    "text": {
+        "_target_": "ldm.conditioning.BERTEmbedder",
+        "n_layer": 1,
+        "n_embed": 32,
+        "max_length": 8,
+        "n_heads": 2,
+        "dropout": 0.1,
+    }
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,21 +63,44 @@ def _one_thread():
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sample_errors")
     torch.manual_seed(0)
-    ae_path = save_safetensors(instantiate(AUTOENCODER).state_dict(), root / "ae" / "model.safetensors",
-                               {"model": {"_target_": "ldm.training.autoencoder_module.AutoencoderModule",
-                                          "autoencoder": AUTOENCODER}})
+    ae_path = save_safetensors(
+        instantiate(AUTOENCODER).state_dict(),
+        root / "ae" / "model.safetensors",
+        {
+            "model": {
+                "_target_": "ldm.training.autoencoder_module.AutoencoderModule",
+                "autoencoder": AUTOENCODER,
+            }
+        },
+    )
     for name, conditioners, unet in (("text", BERT, {"context_dim": 32}), ("uncond", {}, {})):
         cfg = {
             "_target_": "ldm.training.diffusion_module.LatentDiffusionModule",
-            "unet": {"_target_": "ldm.modules.unet.UNetModel", "in_channels": 4, "out_channels": 4,
-                     "model_channels": 32, "num_res_blocks": 1, "attention_resolutions": [], "channel_mult": [1],
-                     "num_head_channels": 32, **unet},
-            "conditioner": {"_target_": "ldm.conditioning.conditioner.Conditioner", "_convert_": "all",
-                            "conditioners": copy.deepcopy(conditioners)},
-            "first_stage": {"_target_": "ldm.models.first_stage.codec_from_checkpoint", "path": str(ae_path),
-                            "scale_factor": 1.0},
-            "loss": {"_target_": "ldm.diffusion.loss.DiffusionLoss",
-                     "schedule": {"_target_": "ldm.diffusion.schedules.NoiseSchedule"}},
+            "unet": {
+                "_target_": "ldm.modules.unet.UNetModel",
+                "in_channels": 4,
+                "out_channels": 4,
+                "model_channels": 32,
+                "num_res_blocks": 1,
+                "attention_resolutions": [],
+                "channel_mult": [1],
+                "num_head_channels": 32,
+                **unet,
+            },
+            "conditioner": {
+                "_target_": "ldm.conditioning.conditioner.Conditioner",
+                "_convert_": "all",
+                "conditioners": copy.deepcopy(conditioners),
+            },
+            "first_stage": {
+                "_target_": "ldm.models.first_stage.codec_from_checkpoint",
+                "path": str(ae_path),
+                "scale_factor": 1.0,
+            },
+            "loss": {
+                "_target_": "ldm.diffusion.loss.DiffusionLoss",
+                "schedule": {"_target_": "ldm.diffusion.schedules.NoiseSchedule"},
+            },
             "optim": {"lr": 1e-4},
             "ema_decay": 0.0,
         }
@@ -77,10 +118,17 @@ def root(tmp_path_factory) -> Path:
 
 def run(root: Path, model: str, *overrides: str) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("sample", overrides=[
-            f"ckpt={root / model / 'model.safetensors'}", f"out_dir={root / 'out'}", "steps=2", "n=1",
-            "progress=false", *overrides,
-        ])
+        cfg = compose(
+            "sample",
+            overrides=[
+                f"ckpt={root / model / 'model.safetensors'}",
+                f"out_dir={root / 'out'}",
+                "steps=2",
+                "n=1",
+                "progress=false",
+                *overrides,
+            ],
+        )
     return sample(cfg)
 
 
@@ -99,8 +147,8 @@ def run(root: Path, model: str, *overrides: str) -> dict:
         (["task=txt2img", "prompt=x", "spacing=random"], r"spacing='random' is not one of"),
         (
             ["task=semantic", "segmap={root}/segmap.png"],
-            r"task=semantic needs a model conditioned on a segmentation map, but .* is conditioned on text prompts "
-            r"\('caption'\); it supports: txt2img, img2img, inpaint, outpaint",
+            r"task=semantic needs a model conditioned on a segmentation map, but .* is conditioned on "
+            r"text prompts \('caption'\); it supports: txt2img, img2img, inpaint, outpaint",
         ),
         (["task=superres", "image={root}/image.png"], r"supports: txt2img, img2img, inpaint, outpaint"),
     ],
@@ -111,7 +159,9 @@ def test_bad_input_on_a_text_model(root, overrides, message):
 
 
 def test_task_the_unconditional_model_cannot_do(root):
-    with pytest.raises(UserError, match=r"task=class needs a model conditioned on class labels.*supports: uncond"):
+    with pytest.raises(
+        UserError, match=r"task=class needs a model conditioned on class labels.*supports: uncond"
+    ):
         run(root, "uncond", "task=class", "label=1")
 
 
@@ -124,7 +174,9 @@ def test_stage1_autoencoder_and_missing_checkpoint(root):
 
 def test_mask_of_another_size_is_resized_with_a_warning(root, caplog):
     with caplog.at_level(logging.WARNING):
-        record = run(root, "text", "task=inpaint", f"image={root / 'image.png'}", f"mask={root / 'mask_8x12.png'}")
+        record = run(
+            root, "text", "task=inpaint", f"image={root / 'image.png'}", f"mask={root / 'mask_8x12.png'}"
+        )
     assert "mask=" in caplog.text and "is 12x8 but the image is 16x16" in caplog.text
     with Image.open(Path(record["out_dir"]) / record["images"][0]["file"]) as img:
         assert img.size == (16, 16)
@@ -143,17 +195,28 @@ def test_unknown_task_lists_the_available_ones():
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "sample.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_writes_images_and_says_where(root):
     out = root / "cli"
-    proc = cli("task=txt2img", f"ckpt={root / 'text' / 'model.safetensors'}", "prompt=a red circle", "n=4",
-               "steps=2", f"out_dir={out}")
+    proc = cli(
+        "task=txt2img",
+        f"ckpt={root / 'text' / 'model.safetensors'}",
+        "prompt=a red circle",
+        "n=4",
+        "steps=2",
+        f"out_dir={out}",
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"wrote 4 image(s), grid.png and run.json to {out}" in proc.stdout
-    assert len(list(out.glob("*_seed*.png"))) == 4 and (out / "grid.png").is_file() and (out / "run.json").is_file()
+    assert (
+        len(list(out.glob("*_seed*.png"))) == 4
+        and (out / "grid.png").is_file()
+        and (out / "run.json").is_file()
+    )
 
 
 def main_in_process(monkeypatch, *args: str) -> int:
@@ -167,8 +230,14 @@ def main_in_process(monkeypatch, *args: str) -> int:
 
 
 def test_cli_user_error_is_one_line_and_exit_2(root, monkeypatch, capsys):
-    code = main_in_process(monkeypatch, "task=semantic", f"ckpt={root / 'text' / 'model.safetensors'}",
-                           f"segmap={root / 'segmap.png'}", f"out_dir={root / 'cli_err'}", "hydra/job_logging=none")
+    code = main_in_process(
+        monkeypatch,
+        "task=semantic",
+        f"ckpt={root / 'text' / 'model.safetensors'}",
+        f"segmap={root / 'segmap.png'}",
+        f"out_dir={root / 'cli_err'}",
+        "hydra/job_logging=none",
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]

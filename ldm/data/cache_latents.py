@@ -180,6 +180,7 @@ def cache_latents(
     shard_size: int = 1000,
     num_workers: int = 2,
     text_encoder: str | None = None,
+    text_max_length: int = 77,  # tokens per caption (CLIP's context, as SD)
     device: str = "cpu",
 ) -> dict:
     """Encode `shards` into `out/{prefix}-%06d.tar`; returns the manifest (also out/manifest.json)."""
@@ -209,7 +210,7 @@ def cache_latents(
         num_workers=num_workers,
         timeout=600 if num_workers else 0,
     )
-    text = _load_text_encoder(text_encoder, 77)
+    text = _load_text_encoder(text_encoder, text_max_length)
     if text is not None:
         text.to(device)
     writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0)
@@ -326,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--text-encoder", default=None, help="also store caption_emb: 'default' (MiniLM) or a folder"
     )
+    p.add_argument("--text-max-length", type=int, default=77, help="tokens per caption for --text-encoder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     shards = a.shards[0] if len(a.shards) == 1 else a.shards
@@ -334,15 +336,16 @@ def main(argv: list[str] | None = None) -> int:
             a.ckpt,
             shards,
             a.out,
-            a.mode,
-            a.dtype,
-            a.resolution,
-            a.batch_size,
-            a.prefix,
-            a.shard_size,
-            a.workers,
-            a.text_encoder,
-            a.device,
+            mode=a.mode,
+            dtype=a.dtype,
+            resolution=a.resolution,
+            batch_size=a.batch_size,
+            prefix=a.prefix,
+            shard_size=a.shard_size,
+            num_workers=a.workers,
+            text_encoder=a.text_encoder,
+            text_max_length=a.text_max_length,
+            device=a.device,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

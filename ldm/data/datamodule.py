@@ -106,12 +106,28 @@ class ShardDataModule(pl.LightningDataModule):
         self.val_batch_size = int(val_batch_size or batch_size)
         self.seed, self.resampled, self.timeout = int(seed), bool(resampled), float(timeout)
         self.epoch_length = int(epoch_length) if epoch_length else None
+        if self.resampled and not self.epoch_length:
+            raise UserError(
+                "data.resampled=true never runs out of data: set data.epoch_length (samples per rank)"
+            )
         self.task = build_task(task)
         self.train_urls: list[str] | None = None
         self.val_urls: list[str] | None = None
         self._train_loader: ResumableLoader | None = None
         self._pending: dict | None = None
         self._skipped = mp.Value("q", 0)  # bad samples skipped, summed over all workers of this rank
+
+    def __getstate__(self) -> dict:
+        """Picklable (ddp_spawn, deepcopy): the shared counter travels as its value."""
+        state = self.__dict__.copy()
+        state["_skipped"] = int(self._skipped.value)
+        state["_train_loader"] = None  # holds worker processes; rebuilt by train_dataloader()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        skipped = state.pop("_skipped", 0)
+        self.__dict__.update(state)
+        self._skipped = mp.Value("q", int(skipped))
 
     # --- setup ------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

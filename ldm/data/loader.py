@@ -116,9 +116,7 @@ class ResumableLoader:
             self._discard = pending["batches"]
             return
         workers = {int(w): (int(c), int(e)) for w, (c, e) in pending["workers"].items()}
-        if (
-            pending.get("rank", 0) != s.rank
-        ):  # saved on another rank: same schedule, assume no skipped samples
+        if pending.get("rank", 0) != s.rank:  # rank 0's checkpoint: same schedule, assume no skipped samples
             workers = {w: (e, e) for w, (_, e) in workers.items()}
         self._base, self._base_last, self._base_batches = workers, pending["last_worker"], pending["batches"]
         s.resume = workers
@@ -126,8 +124,8 @@ class ResumableLoader:
         log.info("data: resuming epoch %d after %d batches", self.epoch, self._base_batches)
 
     def _batches(self) -> Iterator[dict]:
-        produced = 0
-        for batch in self.loader:
+        produced, skipped_before = 0, self._skipped()
+        for batch in _plain_user_errors(self.loader):
             self.history.append(
                 (batch.pop("__worker__"), batch.pop("__consumed__"), batch.pop("__emitted__"))
             )
@@ -136,13 +134,28 @@ class ResumableLoader:
                 self._discard -= 1
                 continue
             yield batch
-        if produced == 0 and self._base_batches == 0:
+        skipped = self._skipped() - skipped_before
+        if skipped:  # the workers warned one by one; this is the per-epoch total in the main process
+            log.warning(
+                "data.%s: skipped %d bad sample(s) or shard read error(s) in epoch %s (%d so far)",
+                self.name,
+                skipped,
+                self.epoch,
+                self._skipped(),
+            )
+        if produced == 0 and self._base_batches == 0 and not self.stream.train:
+            log.warning("data.%s: rank %d has no validation data", self.name, self.stream.rank)
+        elif produced == 0 and self._base_batches == 0:
             raise UserError(
                 f"data.{self.name}: rank {self.stream.rank} read no usable sample this epoch ("
                 f"{len(self.stream.urls)} shard(s), {self.stream.world_size} rank(s), "
                 f"{self._workers()} worker(s)); "
                 "check that the shards hold samples with the keys in data.keys"
             )
+
+    def _skipped(self) -> int:
+        counter = self.stream.skipped
+        return 0 if counter is None else int(counter.value)
 
     # --- state ------------------------------------------------------------------------------------
     def state_at(self, batches: int | None = None) -> dict:
@@ -171,6 +184,17 @@ class ResumableLoader:
 
     def load_state_dict(self, state_dict: dict) -> None:
         pass
+
+
+def _plain_user_errors(loader: DataLoader) -> Iterator[dict]:
+    """Re-raise a worker's UserError with just its message (PyTorch wraps it in the worker traceback)."""
+    try:
+        yield from loader
+    except UserError as e:
+        text = str(e)
+        if "Original Traceback" in text and "UserError: " in text:
+            raise UserError(text.rsplit("UserError: ", 1)[-1].strip()) from None
+        raise
 
 
 def default_pin_memory() -> bool:

@@ -137,7 +137,7 @@ def decode_sample(raw: dict, opts: PipelineOptions, train: bool, rng: np.random.
         scale = img.size[0] / source_size[0]
         out["image"] = to_tensor(crop_resize(img, box, opts.resolution, Image.Resampling.BICUBIC, scale))
     if "segmap" in opts.keys:
-        out["segmap"] = _decode_segmap(raw, opts, box, source_size)
+        out["segmap"] = _decode_segmap(raw, opts, box, source_size, train, rng)
     if "caption" in opts.keys:
         value = read_field(raw, opts.caption_key, "caption")
         out["caption"] = value.decode("utf-8").strip() if isinstance(value, bytes) else str(value)
@@ -153,11 +153,14 @@ def decode_sample(raw: dict, opts: PipelineOptions, train: bool, rng: np.random.
     return out
 
 
-def _decode_segmap(raw: dict, opts: PipelineOptions, box, source_size) -> torch.Tensor:
+def _decode_segmap(raw: dict, opts: PipelineOptions, box, source_size, train: bool, rng) -> torch.Tensor:
     seg = Image.open(io.BytesIO(read_field(raw, opts.segmap_key, "segmap")))
     seg.load()
     if seg.mode not in ("L", "P", "I", "I;16"):
         raise SampleError(f"{_where(raw)}: segmap is {seg.mode}, expected a single-channel map of class ids")
+    if box is None and not opts.latents:  # no image loaded: crop the map on its own
+        source_size = seg.size
+        box = choose_crop(*seg.size, opts.crop if train else "center", opts.flip and train, rng)
     if box is not None:  # same crop and flip as the image, nearest-neighbour so ids stay ids
         seg = crop_resize(seg, box, opts.resolution, Image.Resampling.NEAREST, seg.size[0] / source_size[0])
     arr = np.asarray(seg).astype(np.int64)
@@ -168,6 +171,20 @@ def _decode_segmap(raw: dict, opts: PipelineOptions, box, source_size) -> torch.
     return torch.from_numpy(arr)
 
 
+def _stack(values: list[torch.Tensor]) -> torch.Tensor:
+    """Stack CPU tensors; inside a loader worker straight into shared memory, as torch's default_collate
+    does, so handing the batch to the main process costs no second copy."""
+    first = values[0]
+    if torch.utils.data.get_worker_info() is not None:
+        storage = first._typed_storage()._new_shared(len(values) * first.numel(), device="cpu")
+        out = first.new(storage).resize_(len(values), *first.shape)
+    else:
+        out = torch.empty((len(values), *first.shape), dtype=first.dtype)
+    # np.stack is a plain memcpy; torch.stack crawled with busy intra-op threads (see to_tensor)
+    np.stack([v.numpy() for v in values], out=out.numpy())
+    return out
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack tensors, turn ints into int64 tensors and keep strings as lists; drop `__` keys."""
     batch: dict = {}
@@ -176,8 +193,7 @@ def collate(samples: list[dict]) -> dict:
             continue
         values = [s[key] for s in samples]
         if isinstance(values[0], torch.Tensor):
-            # np.stack: a plain memcpy; torch.stack crawled with busy intra-op threads (see to_tensor)
-            batch[key] = torch.from_numpy(np.stack([v.numpy() for v in values]))
+            batch[key] = _stack(values)
         elif isinstance(values[0], (bool, int, np.integer)):
             batch[key] = torch.tensor(values, dtype=torch.int64)
         elif isinstance(values[0], float):
@@ -185,6 +201,21 @@ def collate(samples: list[dict]) -> dict:
         else:
             batch[key] = values
     return batch
+
+
+def _guard_empty(shards, progress: list[int], limit: int = 100) -> Callable[[], Iterator[dict]]:
+    """Resampling never runs out of shards: stop with an error when `limit` in a row held nothing."""
+
+    def source() -> Iterator[dict]:
+        empty = 0
+        for item in shards:
+            before = progress[0]
+            yield item  # resumed once the previous shard has been read to its end
+            empty = empty + 1 if progress[0] == before else 0
+            if empty >= limit:
+                raise UserError(f"{limit} shards in a row held no readable sample (last: {item['url']})")
+
+    return source
 
 
 def share(total: int, parts: int, index: int) -> int:
@@ -256,6 +287,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 deterministic=True,
             )
             shards.epoch = self.epoch - 1  # its __iter__ increments before seeding
+            shards = _guard_empty(shards, progress)
         else:
             shards = lambda: self._shard_passes(worker, num_workers, progress)  # noqa: E731  (a source stage)
         stages = [shards, wds.tarfile_to_samples(handler=self._on_error), count]

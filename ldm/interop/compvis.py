@@ -38,7 +38,12 @@ from ldm.modules.unet import UNetModel
 
 log = logging.getLogger(__name__)
 
-UNET, FIRST_STAGE, EMA, TEXT = "model.diffusion_model.", "first_stage_model.", "model_ema.", "cond_stage_model."
+UNET, FIRST_STAGE, EMA, TEXT = (
+    "model.diffusion_model.",
+    "first_stage_model.",
+    "model_ema.",
+    "cond_stage_model.",
+)
 CLIP_TEXT = "cond_stage_model.transformer.text_model."
 TEXT_NAME = "text"  # our conditioner entry for the CLIP text encoder (what conf/experiment/txt2img uses)
 # CompVis beta_schedule names -> ours. CompVis "linear" is linear in sqrt(beta) (diffusers scaled_linear).
@@ -135,8 +140,11 @@ def build_autoencoder(params: Mapping[str, Any]) -> tuple[AutoencoderKL, dict]:
             "from CompVis checkpoints."
         )
     p = first.get("params") or {}
-    config = {"_target_": "ldm.models.autoencoder.AutoencoderKL", "embed_dim": int(p["embed_dim"]),
-              "ddconfig": dict(p["ddconfig"])}  # monitor, lossconfig, ckpt_path: training-only
+    config = {
+        "_target_": "ldm.models.autoencoder.AutoencoderKL",
+        "embed_dim": int(p["embed_dim"]),
+        "ddconfig": dict(p["ddconfig"]),
+    }  # monitor, lossconfig, ckpt_path: training-only
     return AutoencoderKL(config["ddconfig"], config["embed_dim"]), config
 
 
@@ -153,8 +161,12 @@ def build_loss(params: Mapping[str, Any], state: Mapping[str, Tensor]) -> Diffus
         cosine_s=float(params.get("cosine_s", 8e-3)),
     )
     stored = state.get("alphas_cumprod")
-    if stored is not None and not torch.allclose(stored.float(), schedule.alphas_cumprod, rtol=1e-4, atol=1e-6):
-        log.warning("the yaml's noise schedule differs from the checkpoint's alphas_cumprod: using the checkpoint's")
+    if stored is not None and not torch.allclose(
+        stored.float(), schedule.alphas_cumprod, rtol=1e-4, atol=1e-6
+    ):
+        log.warning(
+            "the yaml's noise schedule differs from the checkpoint's alphas_cumprod: using the checkpoint's"
+        )
         schedule = NoiseSchedule.from_alphas_cumprod(stored.float())
     return DiffusionLoss(schedule, parameterization=params.get("parameterization", "eps"))
 
@@ -172,7 +184,10 @@ def build_conditioner(
     elif target.rsplit(".", 1)[-1] in CLIP_TARGETS:
         cp = (cond_cfg or {}).get("params") or {}
         conditioners[TEXT_NAME] = clip_text_encoder(
-            text_encoder, clip_state(state), max_length=int(cp.get("max_length", 77)), layer=cp.get("layer", "last")
+            text_encoder,
+            clip_state(state),
+            max_length=int(cp.get("max_length", 77)),
+            layer=cp.get("layer", "last"),
         )
     else:
         raise UserError(
@@ -195,8 +210,8 @@ def clip_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out.pop("embeddings.position_ids", None)
     if not out:
         raise UserError(
-            "the checkpoint has no CLIP text weights (cond_stage_model.transformer.text_model.*), but its yaml "
-            "uses FrozenCLIPEmbedder; is it a UNet-only or pruned file?"
+            "the checkpoint has no CLIP text weights (cond_stage_model.transformer.text_model.*), but "
+            "its yaml uses FrozenCLIPEmbedder; is it a UNet-only or pruned file?"
         )
     return out
 
@@ -232,9 +247,9 @@ def clip_text_encoder(
     """
     if not folder:
         raise UserError(
-            "this CompVis checkpoint encodes prompts with CLIP, whose tokenizer is not stored in the checkpoint: "
-            "pass text_encoder=<local folder with the CLIP tokenizer files (tokenizer.json, or vocab.json + "
-            "merges.txt)>, e.g. a download of openai/clip-vit-large-patch14."
+            "this CompVis checkpoint encodes prompts with CLIP, whose tokenizer is not stored in the "
+            "checkpoint: pass text_encoder=<local folder with the CLIP tokenizer files (tokenizer.json, or "
+            "vocab.json + merges.txt)>, e.g. a download of openai/clip-vit-large-patch14."
         )
     path = Path(folder).expanduser()
     if not path.is_dir() or not any((path / f).is_file() for f in TOKENIZER_FILES):
@@ -274,8 +289,8 @@ def load_text_weights(encoder: FrozenTextEncoder, weights: Mapping[str, Tensor])
     if missing or unexpected:
         raise UserError(
             f"the checkpoint's CLIP text weights do not fit the text encoder from {encoder.model_name}: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}. Pass the tokenizer folder of the CLIP model "
-            "the checkpoint was trained with (SD v1: openai/clip-vit-large-patch14)."
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}. Pass the tokenizer folder of the CLIP "
+            "model the checkpoint was trained with (SD v1: openai/clip-vit-large-patch14)."
         )
     model.load_state_dict(mapped, strict=True)
     refresh_null_context(encoder)
@@ -291,7 +306,11 @@ def refresh_null_context(encoder: FrozenTextEncoder) -> None:
 
 
 def load_compvis(
-    state: Mapping[str, Tensor], yaml_path: str | os.PathLike, *, use_ema: bool = True, text_encoder: str | None = None
+    state: Mapping[str, Tensor],
+    yaml_path: str | os.PathLike,
+    *,
+    use_ema: bool = True,
+    text_encoder: str | None = None,
 ) -> tuple[Any, dict]:
     """(LatentDiffusionModule, summary) from a CompVis state dict and its inference yaml."""
     from ldm.training.diffusion_module import LatentDiffusionModule
@@ -307,10 +326,15 @@ def load_compvis(
     first = {k[len(FIRST_STAGE) :]: v for k, v in state.items() if k.startswith(FIRST_STAGE)}
     load_into(autoencoder, first, f"{yaml_path} (first_stage_config)", assign=True)
     autoencoder.eval().requires_grad_(False)
-    scale = state["scale_factor"].item() if "scale_factor" in state else float(params.get("scale_factor", 1.0))
+    scale = (
+        state["scale_factor"].item() if "scale_factor" in state else float(params.get("scale_factor", 1.0))
+    )
     module = LatentDiffusionModule(
-        unet=unet, conditioner=conditioner, first_stage=LatentCodec(autoencoder, scale, ae_config),
-        loss=build_loss(params, state), optim={},
+        unet=unet,
+        conditioner=conditioner,
+        first_stage=LatentCodec(autoencoder, scale, ae_config),
+        loss=build_loss(params, state),
+        optim={},
         ema_decay=0.0,  # sampling only: the EMA weights (if wanted) are already in the UNet
     )
     summary = {
@@ -329,7 +353,7 @@ def load_into(
     skip: tuple[str, ...] = (),  # prefixes loaded elsewhere (e.g. a pretrained text encoder)
     assign: bool = False,  # take the tensors themselves (for modules built on the meta device)
 ) -> None:
-    """Load weights cast to each tensor's dtype; every tensor not under `skip` must be covered, none left over."""
+    """Load weights cast to each tensor's dtype; every tensor not under `skip` covered, none left over."""
     own = module.state_dict()
     missing = sorted(k for k in own if k not in weights and not k.startswith(skip))
     unexpected = sorted(k for k in weights if k not in own)
@@ -342,7 +366,8 @@ def load_into(
             detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if bad_shape:
             k = bad_shape[0]
-            detail.append(f"{len(bad_shape)} with another shape (e.g. {k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)})")
+            theirs, ours = tuple(weights[k].shape), tuple(own[k].shape)
+            detail.append(f"{len(bad_shape)} with another shape (e.g. {k}: {theirs} vs {ours})")
         raise UserError(
             f"the checkpoint's weights do not match the model built from {config_name}: {'; '.join(detail)}. "
             "Is it the config this checkpoint was trained with?"

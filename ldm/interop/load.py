@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch import Tensor
 
@@ -49,8 +49,13 @@ class LoadedModel:
         return tuple(self.module.conditioner.input_keys)
 
     def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "format": self.format, "used_ema": self.used_ema,
-                "input_keys": list(self.input_keys), "image_size": self.image_size}
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "used_ema": self.used_ema,
+            "input_keys": list(self.input_keys),
+            "image_size": self.image_size,
+        }
 
 
 def load_model(
@@ -65,13 +70,16 @@ def load_model(
     state, run_config = load_state_dict(path, what="checkpoint (ckpt)")
     if config is not None:
         module, summary = compvis.load_compvis(state, config, use_ema=use_ema, text_encoder=text_encoder)
-        return _ready(LoadedModel(module, path, "compvis", summary["used_ema"], summary["image_size"], summary))
+        return _ready(
+            LoadedModel(module, path, "compvis", summary["used_ema"], summary["image_size"], summary)
+        )
     model_cfg = (run_config or {}).get("model") if isinstance(run_config, dict) else None
     if not isinstance(model_cfg, dict):
         if compvis.is_compvis_state(state):
             raise UserError(
-                f"{path} looks like an original CompVis / Stable Diffusion checkpoint (model.diffusion_model.* "
-                "without a run config): pass its yaml too, e.g. config=v1-inference.yaml."
+                f"{path} looks like an original CompVis / Stable Diffusion checkpoint "
+                "(model.diffusion_model.* without a run config): pass its yaml too, "
+                "e.g. config=v1-inference.yaml."
             )
         raise UserError(
             f"{path} carries no run config (metadata 'config', config.yaml beside it, or 'ldm_config' in a "
@@ -98,8 +106,10 @@ def _not_stage2(path: Path, model_cfg: dict) -> UserError:
     )
 
 
-def _instantiate(path: Path, run_config: dict, model_cfg: dict, text_encoder: str | None, keep_ema: bool) -> Any:
-    """The LatentDiffusionModule of a run config, its first stage rebuilt from the stored autoencoder config."""
+def _instantiate(
+    path: Path, run_config: dict, model_cfg: dict, text_encoder: str | None, keep_ema: bool
+) -> Any:
+    """The run config's LatentDiffusionModule, its first stage rebuilt from the stored autoencoder config."""
     ae_config = run_config.get("first_stage_autoencoder")
     if not isinstance(ae_config, dict):
         raise UserError(
@@ -109,7 +119,9 @@ def _instantiate(path: Path, run_config: dict, model_cfg: dict, text_encoder: st
     cfg = copy.deepcopy(model_cfg)
     # _recursive_ false: codec_from_config builds the autoencoder from its config itself.
     cfg["first_stage"] = {
-        "_target_": "ldm.models.first_stage.codec_from_config", "_recursive_": False, "autoencoder": ae_config
+        "_target_": "ldm.models.first_stage.codec_from_config",
+        "_recursive_": False,
+        "autoencoder": ae_config,
     }
     cfg["sampler"] = None  # sample.py picks the sampler
     if not keep_ema:
@@ -118,7 +130,18 @@ def _instantiate(path: Path, run_config: dict, model_cfg: dict, text_encoder: st
         for entry in ((cfg.get("conditioner") or {}).get("conditioners") or {}).values():
             if isinstance(entry, dict) and str(entry.get("_target_", "")).endswith("FrozenTextEncoder"):
                 entry["model"] = text_encoder
-    return instantiate(cfg)
+    return instantiate_or_user_error(cfg)
+
+
+def instantiate_or_user_error(config: Any, **kwargs: Any) -> Any:
+    """Hydra instantiate; a UserError raised inside a constructor comes out as itself (not wrapped)."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as e:
+        err: BaseException | None = e
+        while err is not None and not isinstance(err, UserError):
+            err = err.__cause__ or err.__context__
+        raise (err or e) from None
 
 
 def _load_ours(module: Any, state: dict[str, Tensor], path: Path, fmt: str, use_ema: bool) -> bool:
@@ -127,7 +150,9 @@ def _load_ours(module: Any, state: dict[str, Tensor], path: Path, fmt: str, use_
         weights = {name: v for k, v in state.items() if (name := compvis.to_our_names(k))}
         compvis.load_into(module, weights, f"the run config stored in {path}")
         if not use_ema:
-            log.warning("%s is an export, which stores only the EMA weights: use_ema=false has no effect", path)
+            log.warning(
+                "%s is an export, which stores only the EMA weights: use_ema=false has no effect", path
+            )
         return True
     ema = getattr(module, "ema", None)
     compvis.load_into(module, state, f"the run config stored in {path}")
@@ -149,7 +174,8 @@ def _ready(loaded: LoadedModel) -> LoadedModel:
         if isinstance(c, FrozenTextEncoder):
             compvis.refresh_null_context(c)
     if not module.first_stage.scale_known:
-        raise UserError(f"{loaded.path} has no latent scale_factor; was training stopped before the first step?")
+        raise UserError(
+            f"{loaded.path} has no latent scale_factor; was training stopped before the first step?"
+        )
     log.info("loaded %s (%s, %s weights)", loaded.path, loaded.format, "EMA" if loaded.used_ema else "raw")
     return loaded
-

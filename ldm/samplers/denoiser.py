@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ldm.diffusion.parameterization import check_parameterization, predict_x0_eps
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.samplers.sigmas import sigma_at, sigma_to_timestep
+from ldm.samplers.sigmas import sigma_at, sigma_to_timestep, timestep_table
 
 
 class DiscreteDenoiser(nn.Module):
@@ -36,6 +36,7 @@ class DiscreteDenoiser(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().clone(), persistent=False)
         self.parameterization = check_parameterization(parameterization)
         self.quantize = quantize
+        self._table: tuple[Tensor, Tensor] | None = None  # (-log alpha_t, t) on the last device used
 
     @property
     def sigma_min(self) -> Tensor:
@@ -49,7 +50,9 @@ class DiscreteDenoiser(nn.Module):
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """The (fractional) timestep of a noise level, float32."""
-        t = sigma_to_timestep(self.alphas_cumprod, sigma)
+        if self._table is None or self._table[0].device != sigma.device:  # built once per device
+            self._table = timestep_table(self.alphas_cumprod.to(sigma.device))
+        t = sigma_to_timestep(self.alphas_cumprod, sigma, self._table)
         return (t.round() if self.quantize else t).float()
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:

@@ -39,7 +39,9 @@ def generate_latents(
 ) -> Tensor:
     """Sample scaled latents (B, C, h, w) for B = len(seeds) with guidance, strength and blending."""
     denoiser = DiscreteDenoiser(net, alphas_cumprod.to(device), parameterization=parameterization)
-    guided = ClassifierFreeGuidance(denoiser, scale=cfg_scale, uncond=uncond) if uncond is not None else denoiser
+    guided = (
+        ClassifierFreeGuidance(denoiser, scale=cfg_scale, uncond=uncond) if uncond is not None else denoiser
+    )
     sigmas = steps(alphas_cumprod).to(device)
     generators = generators_from_seeds(seeds, device)
     noise = randn((len(seeds), *shape), generators, device=device)
@@ -52,4 +54,12 @@ def generate_latents(
         if init_latents is None:
             raise ValueError("blend_mask needs init_latents (the latents of the image to keep)")
         callback = inpaint_callback(init_latents, blend_mask, generators, previous=callback)
-    return sampler(guided, x, sigmas, extra_args=dict(cond), callback=callback, generator=generators, disable=not progress)
+    return sampler(
+        guided,
+        x,
+        sigmas,
+        extra_args=dict(cond),
+        callback=callback,
+        generator=generators,
+        disable=not progress,
+    )

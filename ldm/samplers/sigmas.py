@@ -45,11 +45,23 @@ def sigma_at(alphas_cumprod: Tensor, timesteps: Tensor) -> Tensor:
     return torch.expm1(-2 * la).sqrt().float()  # sigma^2 = 1/a - 1 = exp(-2 log alpha) - 1
 
 
-def sigma_to_timestep(alphas_cumprod: Tensor, sigma: Tensor) -> Tensor:
-    """Inverse of `sigma_at`: the fractional timestep whose interpolated log alpha matches sigma."""
-    neg_log_alpha = -log_alpha_table(alphas_cumprod)  # increasing in t
-    target = 0.5 * torch.log1p(sigma.to(neg_log_alpha) ** 2)  # -log alpha = 0.5 log(1 + sigma^2)
-    grid = torch.arange(len(neg_log_alpha), device=neg_log_alpha.device, dtype=neg_log_alpha.dtype)
+def timestep_table(alphas_cumprod: Tensor) -> tuple[Tensor, Tensor]:
+    """(-log alpha_t increasing, t) per integer timestep, for `sigma_to_timestep`."""
+    neg_log_alpha = -log_alpha_table(alphas_cumprod)
+    return neg_log_alpha, torch.arange(
+        len(neg_log_alpha), device=neg_log_alpha.device, dtype=neg_log_alpha.dtype
+    )
+
+
+def sigma_to_timestep(
+    alphas_cumprod: Tensor, sigma: Tensor, table: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """Inverse of `sigma_at`: the fractional timestep whose interpolated log alpha matches sigma.
+
+    `table` is `timestep_table(alphas_cumprod)` on sigma's device, for callers that cache it.
+    """
+    neg_log_alpha, grid = timestep_table(alphas_cumprod.to(sigma.device)) if table is None else table
+    target = 0.5 * torch.log1p(sigma.to(grid.dtype) ** 2)  # -log alpha = 0.5 log(1 + sigma^2)
     return interp(target, neg_log_alpha, grid)
 
 
@@ -172,6 +184,7 @@ __all__ = [
     "sigma_at",
     "sigma_to_timestep",
     "start_x",
+    "timestep_table",
     "timesteps_leading",
     "timesteps_time_uniform",
     "timesteps_trailing",

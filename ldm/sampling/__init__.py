@@ -4,4 +4,14 @@ from ldm.sampling.job import Job, check_supported, supported_tasks
 from ldm.sampling.records import write_outputs
 from ldm.sampling.runner import Result, Settings, prepare, resolve_device, run_job
 
-__all__ = ["Job", "Result", "Settings", "check_supported", "prepare", "resolve_device", "run_job", "supported_tasks", "write_outputs"]
+__all__ = [
+    "Job",
+    "Result",
+    "Settings",
+    "check_supported",
+    "prepare",
+    "resolve_device",
+    "run_job",
+    "supported_tasks",
+    "write_outputs",
+]

@@ -46,7 +46,7 @@ def load_image(path: str | os.PathLike | None, option: str = "image", task: str 
 
 
 def load_mask(path: str | os.PathLike | None, size: Sequence[int], task: str = "inpaint") -> Tensor:
-    """Grayscale mask -> (1, 1, H, W) in {0, 1}, white (>= 128) = generate; resized to `size` with a warning."""
+    """Grayscale mask -> (1, 1, H, W) in {0, 1}, white (>= 128) = generate; resized to `size` (warns)."""
     img = _open(path, "mask", task)
     gray = img.getchannel("A") if img.mode in ("LA", "RGBA") and _alpha_only(img) else img.convert("L")
     mask = torch.from_numpy(np.asarray(gray, dtype=np.uint8).copy()).float()[None, None] / 255.0
@@ -54,7 +54,11 @@ def load_mask(path: str | os.PathLike | None, size: Sequence[int], task: str = "
     if tuple(mask.shape[-2:]) != (h, w):
         log.warning(
             "mask=%s is %dx%d but the image is %dx%d: resizing the mask (nearest) to the image size",
-            path, mask.shape[-1], mask.shape[-2], w, h,
+            path,
+            mask.shape[-1],
+            mask.shape[-2],
+            w,
+            h,
         )
         mask = F.interpolate(mask, size=(h, w), mode="nearest")
     return (mask >= 0.5).float()
@@ -109,7 +113,15 @@ def snap_size(h: int, w: int, multiple: int, what: str) -> tuple[int, int]:
     """(h, w) rounded down to multiples of `multiple` (the autoencoder's f), with a note when it changes."""
     sh, sw = max(multiple, h - h % multiple), max(multiple, w - w % multiple)
     if (sh, sw) != (h, w):
-        log.warning("%s is %dx%d: resized to %dx%d, a multiple of the autoencoder's factor %d", what, w, h, sw, sh, multiple)
+        log.warning(
+            "%s is %dx%d: resized to %dx%d, a multiple of the autoencoder's factor %d",
+            what,
+            w,
+            h,
+            sw,
+            sh,
+            multiple,
+        )
     return sh, sw
 
 

@@ -91,7 +91,9 @@ class Job:
         if not self.per_image:
             raise UserError("nothing to sample: n must be >= 1.")
         if not 0.0 < float(self.strength) <= 1.0:
-            raise UserError(f"strength={self.strength}: must be in (0, 1] (1 = ignore the input image's content).")
+            raise UserError(
+                f"strength={self.strength}: must be in (0, 1] (1 = ignore the input image's content)."
+            )
 
     def __len__(self) -> int:
         return len(self.per_image)

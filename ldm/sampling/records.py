@@ -1,4 +1,4 @@
-"""What a sample.py run leaves behind: one PNG per image (its parameters in the PNG text), a grid, run.json."""
+"""What a sample.py run leaves: one PNG per image (its parameters in the PNG text), a grid, run.json."""
 
 from __future__ import annotations
 
@@ -27,7 +27,15 @@ def image_name(index: int, seed: int) -> str:
 def image_parameters(job: Job, index: int, seed: int, run: Mapping[str, Any]) -> dict[str, Any]:
     """Everything needed to reproduce image `index`: run settings, task parameters, its prompt/label, seed."""
     own = {("prompt" if k == "caption" else k): v for k, v in job.per_image[index].items()}
-    return {**run, **job.params, **own, "seed": seed, "index": index, "height": job.size[0], "width": job.size[1]}
+    return {
+        **run,
+        **job.params,
+        **own,
+        "seed": seed,
+        "index": index,
+        "height": job.size[0],
+        "width": job.size[1],
+    }
 
 
 def write_outputs(
@@ -47,7 +55,12 @@ def write_outputs(
     for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
         params = image_parameters(job, i, seed, run)
         save_png(image, out / image_name(i, seed), {PARAMETERS_KEY: json.dumps(params, default=str)})
-        entries.append({"file": image_name(i, seed), **{k: params[k] for k in ("seed", "prompt", "label") if k in params}})
+        entries.append(
+            {
+                "file": image_name(i, seed),
+                **{k: params[k] for k in ("seed", "prompt", "label") if k in params},
+            }
+        )
     save_png(make_grid(result.images), out / GRID_NAME, {PARAMETERS_KEY: json.dumps(run, default=str)})
     record = {
         "task": job.params.get("task"),
@@ -61,8 +74,11 @@ def write_outputs(
         "images": entries,
         "grid": GRID_NAME,
         "timings": {**(timings or {}), **result.timings},
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
         "config": dict(config or {}),
     }
     (out / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")

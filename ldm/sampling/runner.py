@@ -82,7 +82,9 @@ def prepare(loaded: LoadedModel, device: torch.device, compile_unet: bool = Fals
 def has_guidance(module: Any) -> bool:
     """Whether the unconditional branch differs from the conditional one (else CFG only doubles the cost)."""
     conditioner = module.conditioner
-    return any(c.output != "concat" or not conditioner.uncond_keeps_concat for c in conditioner.conditioners.values())
+    return any(
+        c.output != "concat" or not conditioner.uncond_keeps_concat for c in conditioner.conditioners.values()
+    )
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -115,7 +117,9 @@ def run_job(loaded: LoadedModel, job: Job, settings: Settings) -> Result:
     start = time.perf_counter()
     init = blend = None
     if job.init_image is not None:
-        init = module.first_stage.encode_pixels(job.init_image.to(device), sample=False).float()  # (1, C, h, w)
+        init = module.first_stage.encode_pixels(
+            job.init_image.to(device), sample=False
+        ).float()  # (1, C, h, w)
     if job.blend_mask is not None:
         # A latent cell is regenerated if any of its pixels is: the whole masked area is covered.
         blend = F.max_pool2d(job.blend_mask.to(device).float(), kernel_size=f)  # (1, 1, h, w)
@@ -151,7 +155,7 @@ def run_job(loaded: LoadedModel, job: Job, settings: Settings) -> Result:
                     init_latents=None if init is None else init.expand(b, -1, -1, -1),
                     strength=job.strength,
                     blend_mask=None if blend is None else blend.expand(b, -1, -1, -1),
-                    callback=lambda info: bar.update(1),
+                    callback=_advance(bar),
                     device=device,
                 )
             z = z.float()
@@ -160,7 +164,7 @@ def run_job(loaded: LoadedModel, job: Job, settings: Settings) -> Result:
 
             start = time.perf_counter()
             # One image at a time, in fp32: the same pixels whatever the batch size (conv kernels pick
-            # batch-dependent algorithms), the activation memory of one image, and no fp16 overflow in SD's VAE.
+            # batch-dependent algorithms), one image's activation memory, no fp16 overflow in SD's VAE.
             x = torch.cat([module.first_stage.decode(z[i : i + 1]) for i in range(b)]).float().clamp(-1, 1)
             _sync(device)
             timings["decode_s"] += time.perf_counter() - start
@@ -171,6 +175,15 @@ def run_job(loaded: LoadedModel, job: Job, settings: Settings) -> Result:
     return Result(torch.cat(images), torch.cat(latents), seeds, timings, guided)
 
 
+def _advance(bar: tqdm) -> Callable[[dict[str, Any]], None]:
+    """Sampler callback moving the progress bar; returns None (a returned tensor would replace x)."""
+
+    def callback(info: dict[str, Any]) -> None:
+        bar.update(1)
+
+    return callback
+
+
 def _conditioning(
     module: Any, job: Job, idx: list[int], latent_hw: tuple[int, int], device: torch.device, guided: bool
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -179,6 +192,8 @@ def _conditioning(
     kw = {"batch_size": len(idx), "device": device, "encode_fn": module.encode_fn, "latent_size": latent_hw}
     cond, uncond = conditioner.encode_with_null(inputs, null=guided, **kw)
     if guided and job.negative_prompt and "caption" in conditioner.input_keys:
-        negative, _ = conditioner.encode_with_null({**inputs, "caption": [job.negative_prompt] * len(idx)}, null=False, **kw)
+        negative, _ = conditioner.encode_with_null(
+            {**inputs, "caption": [job.negative_prompt] * len(idx)}, null=False, **kw
+        )
         uncond["context"] = negative["context"]
     return cond, uncond

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,15 @@ from torch import Tensor
 
 from ldm.errors import UserError
 from ldm.interop.load import LoadedModel
-from ldm.sampling.inputs import check_size, load_image, load_mask, load_segmap, read_prompts, resize_image, snap_size
+from ldm.sampling.inputs import (
+    check_size,
+    load_image,
+    load_mask,
+    load_segmap,
+    read_prompts,
+    resize_image,
+    snap_size,
+)
 from ldm.sampling.job import Job, check_supported, full_mask_inputs
 
 log = logging.getLogger(__name__)
@@ -27,16 +36,27 @@ FALLBACK_LATENT_SIDE = 32  # default size when neither the run config nor the ya
 class Task:
     """Base: checks the model can do the task and fills the inputs every task shares."""
 
-    def __init__(self, name: str, prompt: Any = None, prompt_file: str | None = None, negative_prompt: str = "") -> None:
+    prompt_required = False  # txt2img: a prompt is the whole point; edits default to the empty prompt
+
+    def __init__(
+        self, name: str, prompt: Any = None, prompt_file: str | None = None, negative_prompt: str = ""
+    ) -> None:
         self.name = name
         self.prompt = prompt
         self.prompt_file = prompt_file
         self.negative_prompt = negative_prompt or ""
 
-    prompt_required = False
-
-    def build(self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None) -> Job:
+    def build(
+        self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
+    ) -> Job:
         raise NotImplementedError
+
+    def preflight(self) -> None:
+        """Fail on a missing input file before the (possibly minutes-long) model load."""
+        for option in ("image", "mask", "segmap", "prompt_file"):
+            value = getattr(self, option, None)
+            if value not in (None, "") and not Path(str(value)).expanduser().is_file():
+                raise UserError(f"{option}={value}: no such file (relative paths are from {Path.cwd()}).")
 
     # helpers ----------------------------------------------------------------------------------------
 
@@ -64,7 +84,9 @@ class Task:
         prompts = read_prompts(self.prompt, self.prompt_file, self.name, self.prompt_required)
         return [{"caption": p} for p in prompts for _ in range(n)]
 
-    def job(self, model: LoadedModel, size: tuple[int, int], per_image: list[dict[str, Any]], **kw: Any) -> Job:
+    def job(
+        self, model: LoadedModel, size: tuple[int, int], per_image: list[dict[str, Any]], **kw: Any
+    ) -> Job:
         """A Job whose inputs cover every key the model reads (inpainting models get a full mask if unset)."""
         shared = dict(kw.pop("shared", {}))
         keys = model.input_keys
@@ -73,8 +95,14 @@ class Task:
         params = {"task": self.name, **kw.pop("params", {})}
         if "caption" in keys:
             params["negative_prompt"] = self.negative_prompt
-        return Job(size=size, per_image=per_image, shared=shared, negative_prompt=self.negative_prompt,
-                   params=params, **kw)
+        return Job(
+            size=size,
+            per_image=per_image,
+            shared=shared,
+            negative_prompt=self.negative_prompt,
+            params=params,
+            **kw,
+        )
 
 
 class Txt2Img(Task):
@@ -82,7 +110,12 @@ class Txt2Img(Task):
 
     prompt_required = True
 
-    def build(self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None) -> Job:
+    def __init__(self, name: str = "txt2img", **prompts: Any) -> None:
+        super().__init__(name, **prompts)
+
+    def build(
+        self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
+    ) -> Job:
         self.check(model)
         return self.job(model, self.size(model, height, width), self.per_image(model, n))
 
@@ -93,7 +126,9 @@ class Uncond(Task):
     def __init__(self, name: str = "uncond") -> None:
         super().__init__(name)
 
-    def build(self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None) -> Job:
+    def build(
+        self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
+    ) -> Job:
         self.check(model)
         return self.job(model, self.size(model, height, width), self.per_image(model, n))
 
@@ -105,39 +140,61 @@ class ClassCond(Task):
         super().__init__(name)
         self.label = label
 
-    def build(self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None) -> Job:
+    def build(
+        self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
+    ) -> Job:
         self.check(model)
         if self.label is None or (isinstance(self.label, str) and not self.label.strip()):
             raise UserError("task=class needs label=<class id> or label=[id,id,...].")
-        labels = list(self.label) if isinstance(self.label, Sequence) and not isinstance(self.label, str) else [self.label]
+        labels = (
+            list(self.label)
+            if isinstance(self.label, Sequence) and not isinstance(self.label, str)
+            else [self.label]
+        )
         try:
             labels = [int(v) for v in labels]
         except (TypeError, ValueError):
-            raise UserError(f"label={self.label}: class ids must be integers, e.g. label=3 or label=[0,2].") from None
+            raise UserError(
+                f"label={self.label}: class ids must be integers, e.g. label=3 or label=[0,2]."
+            ) from None
         base = self.per_image(model, n)[:n]  # the prompt ("" by default) if the model also reads text
         per_image = [{**extra, "label": lab} for lab in labels for extra in base]
         return self.job(model, self.size(model, height, width), per_image, params={"labels": labels})
 
 
 class Img2Img(Task):
-    """Image-to-image (SDEdit, Meng et al. 2022): noise the image to `strength`, then denoise with the prompt."""
+    """Image-to-image (SDEdit, Meng et al. 2022): noise the image to `strength`, denoise with the prompt."""
 
-    def __init__(self, name: str = "img2img", image: str | None = None, strength: float | None = None,
-                 default_strength: float = 0.75, **prompts: Any) -> None:
+    def __init__(
+        self,
+        name: str = "img2img",
+        image: str | None = None,
+        strength: float | None = None,
+        default_strength: float = 0.75,
+        **prompts: Any,
+    ) -> None:
         super().__init__(name, **prompts)
         self.image = image
         self.strength = default_strength if strength is None else float(strength)
 
-    def build(self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None) -> Job:
+    def build(
+        self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
+    ) -> Job:
         self.check(model)
         image = load_image(self.image, "image", self.name)
         size = self.image_size(model, image, height, width)
         return self.job(
-            model, size, self.per_image(model, n), init_image=resize_image(image, size), strength=self.strength,
+            model,
+            size,
+            self.per_image(model, n),
+            init_image=resize_image(image, size),
+            strength=self.strength,
             params={"image": str(self.image), "strength": self.strength},
         )
 
-    def image_size(self, model: LoadedModel, image: Tensor, height: int | None, width: int | None) -> tuple[int, int]:
+    def image_size(
+        self, model: LoadedModel, image: Tensor, height: int | None, width: int | None
+    ) -> tuple[int, int]:
         if height or width:
             h, w = image.shape[-2:]
             return check_size(height or h, width or w, self.factor(model))
@@ -148,13 +205,21 @@ class Inpaint(Img2Img):
     """Regenerate the mask's white area. An inpainting model (masked_image + mask conditioner) gets them
     through its concat condition; any other model keeps the rest by latent blending at every step."""
 
-    def __init__(self, name: str = "inpaint", mask: str | None = None, blend: str | bool = "auto",
-                 default_strength: float = 1.0, **kw: Any) -> None:
+    def __init__(
+        self,
+        name: str = "inpaint",
+        mask: str | None = None,
+        blend: str | bool = "auto",
+        default_strength: float = 1.0,
+        **kw: Any,
+    ) -> None:
         super().__init__(name, default_strength=default_strength, **kw)
         self.mask = mask
         self.blend = blend
 
-    def build(self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None) -> Job:
+    def build(
+        self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
+    ) -> Job:
         self.check(model)
         image = load_image(self.image, "image", self.name)
         size = self.image_size(model, image, height, width)
@@ -165,19 +230,28 @@ class Inpaint(Img2Img):
     def masked_job(self, model: LoadedModel, image: Tensor, mask: Tensor, n: int, params: dict) -> Job:
         """Concat condition for inpainting models, latent blending for the others (or as `blend` says)."""
         if self.blend not in ("auto", True, False):
-            raise UserError(f"task.blend={self.blend!r}: use auto (blend unless it is an inpainting model), true or false.")
+            raise UserError(
+                f"task.blend={self.blend!r}: use auto (blend unless an inpainting model), true or false."
+            )
         concat = "masked_image" in model.input_keys
         blend = (not concat) if self.blend == "auto" else bool(self.blend)
         if not concat and not blend:
             raise UserError(
-                f"task.blend=false but {model.path} is not an inpainting model: without blending nothing keeps "
-                "the unmasked area; leave task.blend=auto."
+                f"task.blend=false but {model.path} is not an inpainting model: without blending nothing "
+                "keeps the unmasked area; leave task.blend=auto."
             )
         shared = {"masked_image": image * (mask < 0.5), "mask": mask} if concat else {}
-        params = {**params, "inpaint_mode": ("concat" if concat else "") + ("+blend" if concat and blend else "blend" if blend else "")}
+        mode = "+".join(name for name, used in (("concat", concat), ("blend", blend)) if used)
+        params = {**params, "inpaint_mode": mode}
         return self.job(
-            model, tuple(image.shape[-2:]), self.per_image(model, n), shared=shared, init_image=image,
-            strength=self.strength, blend_mask=mask if blend else None, params=params,
+            model,
+            tuple(image.shape[-2:]),
+            self.per_image(model, n),
+            shared=shared,
+            init_image=image,
+            strength=self.strength,
+            blend_mask=mask if blend else None,
+            params=params,
         )
 
 
@@ -188,12 +262,19 @@ class Outpaint(Inpaint):
     generated border continues the image's colours instead of starting from pure noise.
     """
 
-    def __init__(self, name: str = "outpaint", pad: Sequence[int] = (0, 0, 0, 0), default_strength: float = 0.9,
-                 **kw: Any) -> None:
+    def __init__(
+        self,
+        name: str = "outpaint",
+        pad: Sequence[int] = (0, 0, 0, 0),
+        default_strength: float = 0.9,
+        **kw: Any,
+    ) -> None:
         super().__init__(name, default_strength=default_strength, **kw)
         self.pad = pad
 
-    def build(self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None) -> Job:
+    def build(
+        self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
+    ) -> Job:
         self.check(model)
         pad = check_pad(self.pad)
         if height or width:
@@ -228,7 +309,12 @@ def extend_canvas(image: Tensor, pad: Sequence[int], multiple: int) -> tuple[Ten
     right += (-(w + left + right)) % multiple
     bottom += (-(h + top + bottom)) % multiple
     if [left, top, right, bottom] != list(pad):
-        log.warning("pad=%s grown to %s so the canvas is a multiple of %d", list(pad), [left, top, right, bottom], multiple)
+        log.warning(
+            "pad=%s grown to %s so the canvas is a multiple of %d",
+            list(pad),
+            [left, top, right, bottom],
+            multiple,
+        )
     canvas = F.pad(image, (left, right, top, bottom), mode="replicate")  # (1, 3, H', W')
     radius = max(1, max(left, top, right, bottom) // 4)
     blurred = canvas
@@ -246,19 +332,32 @@ class SuperRes(Task):
         super().__init__(name, **prompts)
         self.image = image
 
-    def build(self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None) -> Job:
+    def build(
+        self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
+    ) -> Job:
         self.check(model)
         if height or width:
-            log.warning("task=superres: the output size is the model's factor times the input; height/width ignored")
+            log.warning(
+                "task=superres: the output size is the model's factor times the input; height/width ignored"
+            )
         lowres = load_image(self.image, "image", self.name)
-        conditioner = next(c for c in model.module.conditioner.conditioners.values() if "lowres" in c.input_keys)
+        conditioner = next(
+            c for c in model.module.conditioner.conditioners.values() if "lowres" in c.input_keys
+        )
         f = self.factor(model)
         upscale = float(getattr(conditioner, "upscale", 1.0))
-        base = [s / f for s in lowres.shape[-2:]] if getattr(conditioner, "encode", False) else lowres.shape[-2:]
+        base = (
+            [s / f for s in lowres.shape[-2:]] if getattr(conditioner, "encode", False) else lowres.shape[-2:]
+        )
         size = (round(base[0] * upscale) * f, round(base[1] * upscale) * f)
         factor = size[0] / lowres.shape[-2]
-        return self.job(model, size, self.per_image(model, n), shared={"lowres": lowres},
-                        params={"image": str(self.image), "upscale": factor})
+        return self.job(
+            model,
+            size,
+            self.per_image(model, n),
+            shared={"lowres": lowres},
+            params={"image": str(self.image), "upscale": factor},
+        )
 
 
 class Semantic(Task):
@@ -268,11 +367,14 @@ class Semantic(Task):
         super().__init__(name, **prompts)
         self.segmap = segmap
 
-    def build(self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None) -> Job:
+    def build(
+        self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
+    ) -> Job:
         self.check(model)
         seg = load_segmap(self.segmap, self.name)
         size = snap_size(seg.shape[-2], seg.shape[-1], self.factor(model), f"segmap={self.segmap}")
         if tuple(seg.shape[-2:]) != size:
             seg = F.interpolate(seg[:, None].float(), size=size, mode="nearest")[:, 0].long()
-        return self.job(model, size, self.per_image(model, n), shared={"segmap": seg},
-                        params={"segmap": str(self.segmap)})
+        return self.job(
+            model, size, self.per_image(model, n), shared={"segmap": seg}, params={"segmap": str(self.segmap)}
+        )
