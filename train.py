@@ -1,7 +1,7 @@
 """Train a stage-1 autoencoder or a stage-2 latent diffusion model.
 
-    python train.py experiment=autoencoder_kl trainer.max_steps=300
-    python train.py experiment=txt2img first_stage_ckpt=outputs/autoencoder_kl/latest/model.safetensors
+python train.py experiment=autoencoder_kl trainer.max_steps=300
+python train.py experiment=txt2img first_stage_ckpt=outputs/autoencoder_kl/latest/model.safetensors
 """
 
 from __future__ import annotations
@@ -32,12 +32,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    run_config = resolved_config(cfg)
-    callbacks = [
-        instantiate(c, **({"run_config": run_config} if "run_config" in c else {}))
-        for c in (cfg.get("callbacks") or {}).values()
-        if c is not None
-    ]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    for callback in callbacks:  # e.g. the export callback stores the config in checkpoints and exports
+        if hasattr(callback, "set_run_config"):
+            callback.set_run_config(resolved_config(cfg))
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     try:

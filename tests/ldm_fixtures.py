@@ -17,8 +17,16 @@ TINY_AE = {
     "_target_": "ldm.models.autoencoder.AutoencoderKL",
     "embed_dim": 4,
     "ddconfig": dict(
-        double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
-        num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+        double_z=True,
+        z_channels=4,
+        resolution=32,
+        in_channels=3,
+        out_ch=3,
+        ch=32,
+        ch_mult=[1, 2],
+        num_res_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
     ),
 }
 
@@ -26,11 +34,25 @@ TINY_AE = {
 MODES: dict[str, tuple[dict, dict]] = {
     "uncond": ({}, {}),
     "class": (
-        {"label": {"_target_": "ldm.conditioning.ClassEmbedder", "n_classes": 5, "output": "class", "dropout": 0.1}},
+        {
+            "label": {
+                "_target_": "ldm.conditioning.ClassEmbedder",
+                "n_classes": 5,
+                "output": "class",
+                "dropout": 0.1,
+            }
+        },
         {"num_classes": 6},
     ),
     "class_crossattn": (
-        {"label": {"_target_": "ldm.conditioning.ClassEmbedder", "n_classes": 5, "embed_dim": 32, "dropout": 0.1}},
+        {
+            "label": {
+                "_target_": "ldm.conditioning.ClassEmbedder",
+                "n_classes": 5,
+                "embed_dim": 32,
+                "dropout": 0.1,
+            }
+        },
         {"context_dim": 32},
     ),
     "txt2img": (
@@ -38,8 +60,15 @@ MODES: dict[str, tuple[dict, dict]] = {
         {"context_dim": 384},
     ),
     "bert": (
-        {"text": {"_target_": "ldm.conditioning.BERTEmbedder", "n_layer": 1, "n_embed": 32, "max_length": 12,
-                  "dropout": 0.1}},
+        {
+            "text": {
+                "_target_": "ldm.conditioning.BERTEmbedder",
+                "n_layer": 1,
+                "n_embed": 32,
+                "max_length": 12,
+                "dropout": 0.1,
+            }
+        },
         {"context_dim": 32},
     ),
     "inpaint": (
@@ -54,7 +83,13 @@ MODES: dict[str, tuple[dict, dict]] = {
         {"in_channels": 7},
     ),
     "semantic": (
-        {"segmap": {"_target_": "ldm.conditioning.SemanticMapConditioner", "num_classes": 6, "downsample_factor": 2}},
+        {
+            "segmap": {
+                "_target_": "ldm.conditioning.SemanticMapConditioner",
+                "num_classes": 6,
+                "downsample_factor": 2,
+            }
+        },
         {"in_channels": 10},
     ),
 }
@@ -63,7 +98,9 @@ MODES: dict[str, tuple[dict, dict]] = {
 def save_tiny_autoencoder(folder: Path) -> Path:
     torch.manual_seed(0)
     ae = instantiate(TINY_AE)
-    return save_safetensors(ae.state_dict(), folder / "model.safetensors", {"model": {"autoencoder": TINY_AE}})
+    return save_safetensors(
+        ae.state_dict(), folder / "model.safetensors", {"model": {"autoencoder": TINY_AE}}
+    )
 
 
 def ldm_config(ae_path: Path | str, mode: str, **overrides: Any) -> dict:

@@ -63,6 +63,16 @@ def test_batch_follows_contract(shapes):
     assert not any(k.startswith("__") for k in batch)
 
 
+def test_uint8_transfer_gives_the_same_images_after_transfer(shapes):
+    ref = next(iter(_dm(shapes, shuffle_buffer=0, batch_size=6).train_dataloader()))
+    dm = _dm(shapes, shuffle_buffer=0, batch_size=6, uint8_transfer=True, num_workers=1)
+    raw = next(iter(dm.train_dataloader()))
+    assert raw["image"].dtype == torch.uint8 and raw["image"].shape == (6, 3, 32, 32)
+    out = dm.on_after_batch_transfer(raw, 0)  # Lightning calls this once the batch is on the device
+    assert out["key"] == ref["key"]
+    torch.testing.assert_close(out["image"], ref["image"], rtol=0, atol=1e-6)
+
+
 def test_val_is_deterministic_center_crop(shapes):
     dm = _dm(shapes, num_workers=2)
     a, b = list(dm.val_dataloader()), list(dm.val_dataloader())

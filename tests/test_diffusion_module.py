@@ -6,7 +6,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-
 from ldm_fixtures import MODES, ldm_config, make_batch, save_tiny_autoencoder
 
 
@@ -27,8 +26,12 @@ class _Loop(torch.utils.data.IterableDataset):
 def _fit(module, batch, steps):
     loader = torch.utils.data.DataLoader(_Loop(batch), batch_size=None)
     trainer = pl.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, loader)
     return trainer
@@ -70,7 +73,9 @@ def test_condition_reaches_output(ae_path, mode):
         other["label"] = (batch["label"] + 1) % 5
         out2 = module.net(x_t, t, **module.conditioner(other, train=False, **kw))
         out_null = module.net(x_t, t, **module.conditioner.null_conditioning(batch, **kw))
-        dropped = module.net(x_t, t, **module.conditioner(batch, train=True, generator=torch.Generator(), **kw))
+        dropped = module.net(
+            x_t, t, **module.conditioner(batch, train=True, generator=torch.Generator(), **kw)
+        )
     scale = out.abs().mean()
     assert (out - out2).abs().mean() > 1e-3 * scale
     if mode in ("superres", "semantic"):  # concat conditions stay in the uncond branch (CompVis)
@@ -79,12 +84,18 @@ def test_condition_reaches_output(ae_path, mode):
         assert (out - out_null).abs().mean() > 1e-3 * scale
     # training-time dropout (p=0.1 where set) replaces whole samples by the null path, nothing in between
     for i in range(out.shape[0]):
-        assert torch.allclose(dropped[i], out[i], atol=1e-5) or torch.allclose(dropped[i], out_null[i], atol=1e-5)
+        assert torch.allclose(dropped[i], out[i], atol=1e-5) or torch.allclose(
+            dropped[i], out_null[i], atol=1e-5
+        )
 
 
 def test_uncond_has_no_conditioning(ae_path):
     module = instantiate(ldm_config(ae_path, "uncond"))
-    assert module.conditioner(make_batch("uncond"), train=True) == {"context": None, "concat": None, "y": None}
+    assert module.conditioner(make_batch("uncond"), train=True) == {
+        "context": None,
+        "concat": None,
+        "y": None,
+    }
 
 
 def test_scale_factor_from_first_batch_and_ema_arithmetic(ae_path):
@@ -92,7 +103,9 @@ def test_scale_factor_from_first_batch_and_ema_arithmetic(ae_path):
     module = instantiate(ldm_config(ae_path, "uncond", ema_decay=0.5, ema_warmup=False))
     assert not module.first_stage.scale_known
     batch = make_batch("uncond", n=8)
-    unscaled = module.first_stage.encode_unscaled(batch["image"], sample=True, generator=torch.Generator().manual_seed(0))
+    unscaled = module.first_stage.encode_unscaled(
+        batch["image"], sample=True, generator=torch.Generator().manual_seed(0)
+    )
     initial = {n: p.detach().clone() for n, p in module.unet.named_parameters()}
     _fit(module, batch, 2)
     assert module.first_stage.scale_known
@@ -144,9 +157,21 @@ def test_compvis_unet_state_dict_loads_into_our_unet(reference_dir):
     with safe_open(str(reference_dir / "sd_v1_tiny.safetensors"), "pt") as f:
         cfg = json.loads(f.metadata()["unet"])
         state = {k: f.get_tensor(k).float() for k in f.keys() if k.startswith("model.diffusion_model.")}
-    kwargs = {k: cfg[k] for k in ("in_channels", "out_channels", "model_channels", "attention_resolutions",
-                                  "num_res_blocks", "channel_mult", "num_heads", "transformer_depth",
-                                  "context_dim", "legacy")}
+    kwargs = {
+        k: cfg[k]
+        for k in (
+            "in_channels",
+            "out_channels",
+            "model_channels",
+            "attention_resolutions",
+            "num_res_blocks",
+            "channel_mult",
+            "num_heads",
+            "transformer_depth",
+            "context_dim",
+            "legacy",
+        )
+    }
     unet = UNetModel(**kwargs)
     missing, unexpected = unet.load_state_dict(strip_prefix(state, "model.diffusion_model."), strict=True)
     assert not missing and not unexpected

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import webdataset as wds
 
 from ldm.data.loader import ResumableLoader, default_pin_memory
-from ldm.data.pipeline import MissingFieldError, PipelineOptions, ShardStream, decode_sample
+from ldm.data.pipeline import MissingFieldError, PipelineOptions, ShardStream, decode_sample, image_to_float
 from ldm.data.shards import check_split, expand_shards, is_local, shard_counts, world_info
 from ldm.data.transforms import Compose
 from ldm.errors import UserError
@@ -203,6 +203,12 @@ class ShardDataModule(pl.LightningDataModule):
         self.setup("fit")
         specs = [u for u in (self.train_urls, self.val_urls) if u]
         return [check_latent_manifest(urls, identity) for urls in specs]
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """With uint8_transfer: images become float32 in [-1,1] here, on the training device."""
+        if isinstance(batch, dict) and "image" in batch:
+            batch["image"] = image_to_float(batch["image"])
+        return batch
 
     # --- bookkeeping ------------------------------------------------------------------------------
     @property

@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,10 @@ class PipelineOptions:
     num_classes: int | None = None  # segmap classes incl. background; a larger id is a bad sample
     latents: bool = False  # latent shards from ldm.data.cache_latents: no image decoding
     shuffle_buffer: int = 1000  # samples held for shuffling in each worker (0 = no shuffling)
+    # Ship "image" as uint8 (B,3,H,W) and let ShardDataModule.on_after_batch_transfer make it float on
+    # the device: 4x less shared memory and host-to-GPU traffic. Only for training through Lightning
+    # (a bare DataLoader then yields uint8); ignored when a task transform needs float images.
+    uint8_transfer: bool = False
 
     def __post_init__(self) -> None:
         self.keys = tuple(self.keys)
@@ -114,8 +119,13 @@ def read_tensor(raw: dict, name: str) -> torch.Tensor | None:
     return None
 
 
-def decode_sample(raw: dict, opts: PipelineOptions, train: bool, rng: np.random.Generator | None) -> dict:
-    """Raw tar members -> contract fields of one sample: image (3,R,R) in [-1,1], segmap (R,R) int64, ..."""
+def decode_sample(
+    raw: dict, opts: PipelineOptions, train: bool, rng: np.random.Generator | None, uint8: bool = False
+) -> dict:
+    """Raw tar members -> contract fields of one sample: image (3,R,R) in [-1,1], segmap (R,R) int64, ...
+
+    `uint8=True` leaves "image" as the (R,R,3) uint8 array; `collate` converts a whole batch in one pass.
+    """
     out: dict = {"__key__": raw.get("__key__"), "__url__": raw.get("__url__")}
     box, source_size = None, None
     if opts.latents:
@@ -135,7 +145,8 @@ def decode_sample(raw: dict, opts: PipelineOptions, train: bool, rng: np.random.
         img, source_size = open_image(raw[member], "RGB", target=opts.resolution)
         box = choose_crop(*source_size, opts.crop if train else "center", opts.flip and train, rng)
         scale = img.size[0] / source_size[0]
-        out["image"] = to_tensor(crop_resize(img, box, opts.resolution, Image.Resampling.BICUBIC, scale))
+        img = crop_resize(img, box, opts.resolution, Image.Resampling.BICUBIC, scale)
+        out["image"] = np.asarray(img) if uint8 else to_tensor(img)
     if "segmap" in opts.keys:
         out["segmap"] = _decode_segmap(raw, opts, box, source_size, train, rng)
     if "caption" in opts.keys:
@@ -171,28 +182,60 @@ def _decode_segmap(raw: dict, opts: PipelineOptions, box, source_size, train: bo
     return torch.from_numpy(arr)
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An output buffer; inside a loader worker in shared memory (as torch's default_collate does), so
+    handing the batch to the main process costs no second copy."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+
+
 def _stack(values: list[torch.Tensor]) -> torch.Tensor:
-    """Stack CPU tensors; inside a loader worker straight into shared memory, as torch's default_collate
-    does, so handing the batch to the main process costs no second copy."""
-    first = values[0]
-    if torch.utils.data.get_worker_info() is not None:
-        storage = first._typed_storage()._new_shared(len(values) * first.numel(), device="cpu")
-        out = first.new(storage).resize_(len(values), *first.shape)
-    else:
-        out = torch.empty((len(values), *first.shape), dtype=first.dtype)
+    out = _empty((len(values), *values[0].shape), values[0].dtype)
     # np.stack is a plain memcpy; torch.stack crawled with busy intra-op threads (see to_tensor)
     np.stack([v.numpy() for v in values], out=out.numpy())
     return out
 
 
-def collate(samples: list[dict]) -> dict:
+def _images(values: list[np.ndarray], uint8: bool) -> torch.Tensor:
+    """(H,W,3) uint8 arrays -> (B,3,H,W): float32 in [-1,1] (or uint8), written once into the output."""
+    h, w, _ = values[0].shape
+    out = _empty((len(values), 3, h, w), torch.uint8 if uint8 else torch.float32)
+    dst = out.numpy()
+    for b, x in enumerate(values):
+        if uint8:
+            dst[b] = x.transpose(2, 0, 1)
+        else:
+            for c in range(3):
+                np.multiply(x[:, :, c], np.float32(1 / 127.5), out=dst[b, c], casting="unsafe")
+    if not uint8:
+        dst -= np.float32(1.0)
+    return out
+
+
+def image_to_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> float32 in [-1,1] (the contract), on whatever device the batch is."""
+    if image.dtype != torch.uint8:
+        return image
+    if image.device.type == "cpu":  # numpy: single-threaded and predictable in a busy main process
+        out = image.numpy().astype(np.float32)
+        out *= np.float32(1 / 127.5)
+        out -= np.float32(1.0)
+        return torch.from_numpy(out)
+    return image.float().mul_(1 / 127.5).sub_(1.0)
+
+
+def collate(samples: list[dict], uint8_images: bool = False) -> dict:
     """Stack tensors, turn ints into int64 tensors and keep strings as lists; drop `__` keys."""
     batch: dict = {}
     for key in samples[0]:
         if key.startswith("__"):
             continue
         values = [s[key] for s in samples]
-        if isinstance(values[0], torch.Tensor):
+        if isinstance(values[0], np.ndarray) and values[0].dtype == np.uint8 and key == "image":
+            batch[key] = _images(values, uint8_images)
+        elif isinstance(values[0], torch.Tensor):
             batch[key] = _stack(values)
         elif isinstance(values[0], (bool, int, np.integer)):
             batch[key] = torch.tensor(values, dtype=torch.int64)
@@ -332,7 +375,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             rng = np.random.default_rng([self.seed, epoch + 1, self.rank, worker, consumed])
             consumed += 1
             try:
-                sample = decode_sample(raw, self.opts, self.train, rng)
+                sample = decode_sample(raw, self.opts, self.train, rng, uint8=self.task is None)
                 if self.task is not None:
                     sample[RNG_KEY] = rng
                     sample = self.task(sample)
@@ -352,8 +395,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if batch:
             yield self._finish(batch, worker, consumed, emitted)
 
-    @staticmethod
-    def _finish(samples: list[dict], worker: int, consumed: int, emitted: int) -> dict:
-        batch = collate(samples)
+    def _finish(self, samples: list[dict], worker: int, consumed: int, emitted: int) -> dict:
+        batch = collate(samples, uint8_images=self.opts.uint8_transfer)
         batch.update(__worker__=worker, __consumed__=consumed, __emitted__=emitted)
         return batch

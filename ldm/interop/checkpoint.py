@@ -20,9 +20,13 @@ CONFIG_KEY = "config"
 
 def _check_file(path: Path, what: str) -> None:
     if not path.exists():
-        raise UserError(f"{what} not found: {path}. Pass an existing file (absolute path or relative to cwd).")
+        raise UserError(
+            f"{what} not found: {path}. Pass an existing file (absolute path or relative to cwd)."
+        )
     if path.is_dir():
-        raise UserError(f"{what} is a folder: {path}. Pass the checkpoint file inside it (e.g. model.safetensors).")
+        raise UserError(
+            f"{what} is a folder: {path}. Pass the checkpoint file inside it (e.g. model.safetensors)."
+        )
 
 
 def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
@@ -39,10 +43,14 @@ def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> d
             f"`python -m ldm.interop.convert {path} OUT.safetensors --trust-pickle` and use the output."
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); is it truncated?") from None
+        raise UserError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); is it truncated?"
+        ) from None
 
 
-def load_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict | None]:
+def load_state_dict(
+    path: str | os.PathLike, what: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Return (state_dict, config or None) from `.safetensors` or a `.ckpt`/`.pt`/`.pth` file."""
     path = Path(path)
     _check_file(path, what)
@@ -69,8 +77,10 @@ def load_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> tuple[
     return state, ckpt.get("ldm_config")
 
 
-def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, config: dict | None) -> Path:
-    """Write weights atomically as safetensors with the run config in metadata and as config.yaml beside it."""
+def save_safetensors(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, config: dict | None
+) -> Path:
+    """Write weights atomically as safetensors; the run config goes in metadata and config.yaml beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}

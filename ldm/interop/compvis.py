@@ -38,12 +38,7 @@ from ldm.modules.unet import UNetModel
 
 log = logging.getLogger(__name__)
 
-UNET, FIRST_STAGE, EMA, TEXT = (
-    "model.diffusion_model.",
-    "first_stage_model.",
-    "model_ema.",
-    "cond_stage_model.",
-)
+UNET, FIRST_STAGE, EMA = "model.diffusion_model.", "first_stage_model.", "model_ema."
 CLIP_TEXT = "cond_stage_model.transformer.text_model."
 TEXT_NAME = "text"  # our conditioner entry for the CLIP text encoder (what conf/experiment/txt2img uses)
 # CompVis beta_schedule names -> ours. CompVis "linear" is linear in sqrt(beta) (diffusers scaled_linear).

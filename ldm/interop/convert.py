@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("src")
     parser.add_argument("dst")
-    parser.add_argument("--trust-pickle", action="store_true", help="allow unpickling (runs code from the file)")
+    parser.add_argument(
+        "--trust-pickle", action="store_true", help="allow unpickling (runs code from the file)"
+    )
     args = parser.parse_args(argv)
     try:
         n = convert(args.src, args.dst, args.trust_pickle)

@@ -26,7 +26,8 @@ def _autoencoder_config(config: dict | None, path: Path) -> dict:
             return candidate
     raise UserError(
         f"{path} carries no autoencoder config (expected model.autoencoder with _target_ and ddconfig in its "
-        "metadata or in config.yaml beside it). Export it with train.py, or pass a run folder's model.safetensors."
+        "metadata or in config.yaml beside it). Export it with train.py, or pass a run folder's "
+        "model.safetensors."
     )
 
 
@@ -70,7 +71,10 @@ class LatentCodec(nn.Module):
     """
 
     def __init__(
-        self, autoencoder: nn.Module, scale_factor: float | None = None, autoencoder_config: dict | None = None
+        self,
+        autoencoder: nn.Module,
+        scale_factor: float | None = None,
+        autoencoder_config: dict | None = None,
     ) -> None:
         super().__init__()
         self.autoencoder = autoencoder.eval().requires_grad_(False)
@@ -140,10 +144,23 @@ def codec_from_checkpoint(path: str | None, scale_factor: float | None = None) -
         log.warning("first_stage_ckpt not set: using the demo autoencoder %s", default.resolve())
         path = str(default)
     autoencoder, ae_config = load_autoencoder(path)
-    log.info("first stage: %s (f=%d, %d latent channels)", path, autoencoder.downsample_factor, autoencoder.latent_channels)
+    log.info(
+        "first stage: %s (f=%d, %d latent channels)",
+        path,
+        autoencoder.downsample_factor,
+        autoencoder.latent_channels,
+    )
     return LatentCodec(autoencoder, scale_factor, ae_config)
 
 
-def codec_from_config(autoencoder: dict, scale_factor: float | None = None) -> LatentCodec:
-    """Hydra entry for sampling: an un-initialised autoencoder whose weights come with the stage-2 file."""
-    return LatentCodec(instantiate(autoencoder), scale_factor, dict(autoencoder))
+def codec_from_config(autoencoder: dict | nn.Module, scale_factor: float | None = None) -> LatentCodec:
+    """Hydra entry for sampling: an un-initialised autoencoder whose weights come with the stage-2 file.
+
+    Pass the config with `_recursive_: false` to keep it for exports; a module Hydra already built works too.
+    """
+    if isinstance(autoencoder, nn.Module):
+        return LatentCodec(autoencoder, scale_factor)
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(autoencoder) if not isinstance(autoencoder, dict) else dict(autoencoder)
+    return LatentCodec(instantiate(config), scale_factor, config)

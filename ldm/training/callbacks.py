@@ -27,7 +27,9 @@ class ImageLogger(pl.Callback):
         self.out_dir = Path(out_dir)
         self._last_step = -1
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ):
         step = trainer.global_step
         if self.every_n_steps <= 0 or step == self._last_step or step % self.every_n_steps != 0:
             return
@@ -76,12 +78,16 @@ class ExportSafetensors(pl.Callback):
     """Store the resolved run config in every checkpoint and export `model.safetensors` at the end.
 
     `train.py` passes the resolved config; the module's `export_state_dict()` decides which weights ship
-    (the autoencoder alone for stage 1; EMA UNet + first stage + conditioner in the CompVis layout for stage 2).
+    (stage 1: the autoencoder alone; stage 2: EMA UNet + first stage + conditioner in the CompVis layout).
     """
 
-    def __init__(self, path: str = "model.safetensors", run_config: dict | None = None) -> None:
+    def __init__(self, path: str = "model.safetensors") -> None:
         self.path = Path(path)
-        self.config = run_config
+        self.config: dict | None = None
+
+    def set_run_config(self, config: dict) -> None:
+        """The resolved run config as plain containers (JSON metadata; weights_only-loadable checkpoints)."""
+        self.config = config
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if self.config is not None:
@@ -124,7 +130,9 @@ class GracefulInterrupt(pl.Callback):
             connector = trainer._signal_connector  # Lightning's own SIGTERM flag, read at step boundaries
             if connector.received_sigterm:
                 raise KeyboardInterrupt
-            log.warning("interrupt received: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+            log.warning(
+                "interrupt received: finishing this step, then saving a checkpoint (Ctrl-C again to abort)"
+            )
             connector.received_sigterm = True
 
         self._previous_handler = signal.signal(signal.SIGINT, handler)
@@ -132,7 +140,9 @@ class GracefulInterrupt(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._restore()
         if not isinstance(exception, SIGTERMException):
             return

@@ -14,7 +14,7 @@ from ldm.conditioning.conditioner import Conditioner
 from ldm.diffusion.loss import DiffusionLoss
 from ldm.errors import UserError
 from ldm.interop.checkpoint import load_state_dict, strip_prefix
-from ldm.models.first_stage import LatentCodec
+from ldm.models.first_stage import LatentCodec, weights_identity
 from ldm.modules.ema import EMA
 from ldm.samplers.generate import generate_latents
 from ldm.samplers.sigmas import StepSchedule
@@ -73,7 +73,9 @@ class LatentDiffusionModule(pl.LightningModule):
         state, _ = load_state_dict(path, what="model.init_from")
         unet = strip_prefix(state, "model.diffusion_model.") or strip_prefix(state, "unet.")
         if not unet:
-            raise UserError(f"model.init_from={path} holds no UNet weights (model.diffusion_model.* or unet.*).")
+            raise UserError(
+                f"model.init_from={path} holds no UNet weights (model.diffusion_model.* or unet.*)."
+            )
         try:
             self.unet.load_state_dict(unet)
         except RuntimeError as e:
@@ -109,7 +111,9 @@ class LatentDiffusionModule(pl.LightningModule):
             raise UserError(f"batch has neither 'image' nor latent keys {LATENT_KEYS}; got {sorted(batch)}")
         if not self.first_stage.scale_known:
             value = self.first_stage.fit_scale(unscaled)
-            value = float(self.trainer.strategy.broadcast(torch.tensor(value), src=0)) if self._trainer else value
+            value = (
+                float(self.trainer.strategy.broadcast(torch.tensor(value), src=0)) if self._trainer else value
+            )
             self.first_stage.scale_factor.fill_(value)
             log.info("latent scale_factor = %.5f (1/std of the first batch's latents)", value)
         return self.first_stage.scale(unscaled)
@@ -131,9 +135,14 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._base_seed = torch.initial_seed()  # set by seed_everything(cfg.seed) in train.py
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "latents", False):  # cached latents must come from this very autoencoder
+            datamodule.check_autoencoder(weights_identity(self.first_stage.autoencoder))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        gen = self._generator(self.global_step, self.trainer.accumulate_grad_batches, batch_idx, self.global_rank + 1)
+        gen = self._generator(
+            self.global_step, self.trainer.accumulate_grad_batches, batch_idx, self.global_rank + 1
+        )
         loss, logs = self._step(batch, train=True, generator=gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -222,16 +231,16 @@ class LatentDiffusionModule(pl.LightningModule):
                 return batch[key].shape[-2] // f, batch[key].shape[-1] // f
         if "latent_mean" in batch:
             return tuple(batch["latent_mean"].shape[-2:])
-        if "lowres" in batch:
-            return batch["lowres"].shape[-2] * self._sr_factor() // f, batch["lowres"].shape[-1] * self._sr_factor() // f
-        size = getattr(self.unet, "image_size", None) or 32
-        return size, size
+        if "lowres" in batch:  # SuperResConditioner.upscale = latent side / low-res side
+            up = self._sr_upscale()
+            return round(batch["lowres"].shape[-2] * up), round(batch["lowres"].shape[-1] * up)
+        raise UserError(f"cannot tell the latent size from a batch with keys {sorted(batch)}")
 
-    def _sr_factor(self) -> int:
+    def _sr_upscale(self) -> float:
         for c in self.conditioner.conditioners.values():
-            if hasattr(c, "scale_factor_hint"):
-                return int(c.scale_factor_hint)
-        return 4
+            if hasattr(c, "upscale"):
+                return float(c.upscale)
+        return 1.0
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], max_images: int = 8) -> dict[str, Tensor]:
@@ -292,5 +301,8 @@ def _batch_len(batch: Mapping[str, Any]) -> int:
 
 
 def _detach_head(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
-    return {k: (v[:n].detach().clone() if isinstance(v, Tensor) else list(v[:n])) for k, v in batch.items()
-            if isinstance(v, (Tensor, list, tuple))}
+    return {
+        k: (v[:n].detach().clone() if isinstance(v, Tensor) else list(v[:n]))
+        for k, v in batch.items()
+        if isinstance(v, (Tensor, list, tuple))
+    }

@@ -11,7 +11,9 @@ from torch import nn
 from ldm.errors import UserError
 
 
-def lr_lambda(step: int, warmup_steps: int, total_steps: int | None, schedule: str, min_lr_ratio: float) -> float:
+def lr_lambda(
+    step: int, warmup_steps: int, total_steps: int | None, schedule: str, min_lr_ratio: float
+) -> float:
     """Multiplier of the base LR at `step`: linear warm-up, then constant or half-cosine to min_lr_ratio."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -39,7 +41,9 @@ def build_adamw(
         raise UserError(f"optim.lr={lr}: the learning rate must be > 0.")
     params = [p for p in params if p.requires_grad]
     fused = bool(params) and all(p.is_cuda for p in params)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
+    optimizer = torch.optim.AdamW(
+        params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, warmup_steps, total_steps, schedule, min_lr_ratio)
     )
