@@ -12,13 +12,21 @@ from pathlib import Path
 os.environ.setdefault("LDM_ROOT", str(Path(__file__).resolve().parent))
 os.environ.setdefault("WANDB_MODE", "offline")  # never phone home unless the user sets WANDB_MODE=online
 
+import warnings
+
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.errors import UserError
 from ldm.training.runtime import mark_latest, resolve_ckpt_path, resolved_config, user_errors_exit
+
+# Frozen parts (first stage, text encoder, LPIPS) stay in eval mode on purpose; Lightning warns about it.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -26,9 +34,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     run_dir, runs_dir = Path(cfg.paths.output_dir), Path(cfg.paths.runs_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), runs_dir)  # before `latest` moves to this run
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    mark_latest(run_dir, runs_dir)
+    if rank_zero_only.rank == 0:  # one run folder: ranks > 0 must not move `latest` to a folder of their own
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        mark_latest(run_dir, runs_dir)
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
@@ -50,6 +59,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> None:
     if cfg.get("experiment_required") and not cfg.get("name"):
         raise UserError("no experiment chosen: run e.g. `python train.py experiment=autoencoder_kl`.")
+    # Lightning's DDP launcher starts ranks > 0 later with hydra.run.dir pinned to rank 0's folder; taking
+    # the folder from Hydra keeps their `${now:...}` in paths.output_dir from naming a second one.
+    cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     metrics = train(cfg)
     print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
 

@@ -77,7 +77,11 @@ class Child:
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env
         )
+
+    def wait_ready(self) -> Child:
+        """Block until the child has built its model (it may have been started alongside others)."""
         self.read()  # "ready"
+        return self
 
     def read(self) -> str:
         for line in self.proc.stdout:
@@ -120,14 +124,15 @@ def run_children(
     results: dict[str, dict] = {}
     total = warmup + steps
     if interleave:
-        children = {name: Child(script, name, argv) for name in names}
+        started = {name: Child(script, name, argv) for name in names}  # their start-ups overlap
+        children = {name: child.wait_ready() for name, child in started.items()}
         for i in range(total):
             for name in names if i % 2 == 0 else names[::-1]:
                 times[name].append(children[name].step())
         results = {name: child.finish() for name, child in children.items()}
     else:
         for name in names:
-            child = Child(script, name, argv)
+            child = Child(script, name, argv).wait_ready()
             times[name] = [child.step() for _ in range(total)]
             results[name] = child.finish()
     for name, result in results.items():
