@@ -9,8 +9,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   := data/shards/shapes
 # Demo length: quick enough for 2 CPU cores; raise for better models.
-AE_STEPS  ?= 600
-LDM_STEPS ?= 1500
+AE_STEPS  ?= 400
+LDM_STEPS ?= 800
 
 .PHONY: install data demo demo-autoencoder demo-txt2img demo-sample test test-all lint bench clean
 
@@ -36,7 +36,7 @@ demo-txt2img: install data
 
 demo-sample: install
 	$(BIN)/python sample.py task=txt2img ckpt=outputs/txt2img/latest/model.safetensors \
-		prompt_file=data/demo_prompts.txt n=8 out_dir=outputs/samples/txt2img
+		prompt_file=data/demo_prompts.txt n=2 steps=25 out_dir=outputs/samples/txt2img
 
 test: install
 	$(BIN)/python -m pytest -q

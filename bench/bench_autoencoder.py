@@ -267,8 +267,8 @@ def report(args: argparse.Namespace, results: dict[str, dict], max_diff: float, 
         )
     # On shared cores the fastest step and the CPU seconds (all threads of the child) are steadier numbers.
     print(
-        f"ratio ours/diffusers: speed {ours['images_per_s'] / theirs['images_per_s']:.3f}x (>1 = ours faster; "
-        f"fastest step {theirs['min_step_s'] / ours['min_step_s']:.3f}x, "
+        f"ratio ours/diffusers: speed {ours['images_per_s'] / theirs['images_per_s']:.3f}x "
+        f"(>1 = ours faster; fastest step {theirs['min_step_s'] / ours['min_step_s']:.3f}x, "
         f"CPU time {theirs['cpu_s'] / ours['cpu_s']:.3f}x), "
         f"peak memory {ours['peak_mem'] / theirs['peak_mem']:.3f}x (<1 = ours smaller)"
     )

@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+
+from ldm_fixtures import save_tiny_autoencoder
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -46,6 +49,18 @@ def make_tiny_data(out: Path, train: int = 64, val: int = 16, train_shards: int 
     )
     assert code in (0, None)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """64 train samples in 4 shards and 16 val samples in 2, at 32 px (made once per session)."""
+    return make_tiny_data(tmp_path_factory.mktemp("shapes32"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ae(tmp_path_factory) -> Path:
+    """A random tiny KL autoencoder (f=2, 4 latent channels) exported as stage 1 would be."""
+    return save_tiny_autoencoder(tmp_path_factory.mktemp("tiny_ae"))
 
 
 def tiny_overrides(
@@ -114,22 +129,35 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         WANDB_MODE="offline",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        ),
     )
     env.update(extra)
     return env
 
 
-def run_train(args: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-    """`python train.py <args>` to completion; stdout and stderr captured as text."""
-    return subprocess.run(
+def start_train(args: list[str], **env: str) -> subprocess.Popen:
+    """`python train.py <args>` in the background; stdout and stderr piped as text."""
+    return subprocess.Popen(
         [PYTHON, str(REPO / "train.py"), *args],
         cwd=REPO,
         env=subprocess_env(**env),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
+
+
+def run_train(args: list[str], timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
+    """`python train.py <args>` to completion; stdout and stderr captured as text."""
+    proc = start_train(args, **env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def free_port() -> int:
@@ -169,7 +197,32 @@ class RankProbe(pl.Callback):
                 "global_step": trainer.global_step,
                 "keys": self.keys,
                 "unet": unet,
-                "ema_unet": {k[5:]: v.detach().cpu().clone() for k, v in ema.items() if k.startswith("unet.")},
+                "ema_unet": {
+                    k[5:]: v.detach().cpu().clone() for k, v in ema.items() if k.startswith("unet.")
+                },
             },
             self.out_dir / f"rank{trainer.global_rank}.pt",
         )
+
+
+class SendSignal(pl.Callback):
+    """Test-only: the process signals itself at a chosen point (`where`: train | val), once, at `step`."""
+
+    def __init__(self, step: int, signum: int = 15, where: str = "train") -> None:
+        self.step, self.signum, self.where = step, signum, where
+        self.sent = False
+
+    def _maybe_send(self, trainer) -> None:
+        if not self.sent and trainer.global_step == self.step:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.where == "train":
+            self._maybe_send(trainer)
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if self.where == "val" and batch_idx == 0:
+            self._maybe_send(trainer)

@@ -63,7 +63,6 @@ class LatentDiffusionModule(pl.LightningModule):
         if init_from:
             self._init_weights(init_from)
         self.ema = EMA(self, decay=ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
-        self._ema_step = -1
         self._fixed_batch: dict[str, Any] | None = None
         self._backup: list[Tensor] | None = None
         self._base_seed = 0
@@ -156,14 +155,13 @@ class LatentDiffusionModule(pl.LightningModule):
             self._fixed_batch = _detach_head(batch, 8)
         return loss
 
-    def on_train_start(self) -> None:
-        self._ema_step = self.trainer.global_step
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # One EMA update per optimizer step (with gradient accumulation, not every batch).
-        if self.ema is not None and self.trainer.global_step > self._ema_step:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # One EMA update per optimizer step (with gradient accumulation, not every batch). Here rather than
+        # in on_train_batch_end: checkpoint callbacks run before the module's batch-end hook, so a step-N
+        # checkpoint would hold the EMA of step N-1 and every resume would drop one EMA update.
+        if self.ema is not None:
             self.ema.update(self)
-            self._ema_step = self.trainer.global_step
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # Fixed t and noise per batch index: the validation loss is comparable from one check to the next.
@@ -186,6 +184,12 @@ class LatentDiffusionModule(pl.LightningModule):
                 for (p, _), saved in zip(self.ema._pairs(self), self._backup):
                     p.copy_(saved)
             self._backup = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Saved mid-validation (e.g. SIGTERM): store the training weights, not the EMA weights swapped in.
+        if self.ema is not None and self._backup is not None:
+            for name, saved in zip(self.ema._names, self._backup):
+                checkpoint["state_dict"][name] = saved.clone()
 
     def configure_optimizers(self) -> dict:
         params = list(self.unet.parameters()) + self.conditioner.trainable_parameters()
