@@ -152,8 +152,11 @@ def serve(args: argparse.Namespace) -> None:
         model.load_state_dict(state, strict=True)
     del state
     model.to(device).train()
-    forward = forward_fn(args.only, model)
     x = inputs["x"].to(device)
+    if args.channels_last:  # NHWC activations: what cuDNN's bf16 kernels prefer
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    forward = forward_fn(args.only, model)
 
     # Parity: posterior-mode reconstruction in full float32 (no TF32), before any update
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -248,9 +251,11 @@ def report(args: argparse.Namespace, results: dict[str, dict], max_diff: float, 
     cuda = args.device.startswith("cuda")
     f = 2 ** (len(SIZES[args.size]["ch_mult"]) - 1)
     latent = args.resolution // f
+    layout = "channels_last" if args.channels_last else "NCHW"
     print(
         f"AutoencoderKL training step (encode, sample, decode, L1 + KL, backward, Adam): size={args.size}, "
-        f"device={args.device}, dtype={args.dtype}, batch={args.batch_size}, {args.resolution}px images -> "
+        f"device={args.device}, dtype={args.dtype}, {layout}, batch={args.batch_size}, "
+        f"{args.resolution}px images -> "
         f"{EMBED_DIM}x{latent}x{latent} latents, median of {args.steps} steps after {args.warmup} warmup, "
         f"torch threads={ours['threads']}, {'interleaved' if not cuda else 'one model after the other'}"
     )
@@ -296,6 +301,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--size", default="demo", choices=list(SIZES))
+    parser.add_argument("--channels-last", action="store_true", help="both models and inputs in NHWC")
     parser.add_argument("--full-loss", action="store_true", help=f"also time {FULL_LOSS} (info only)")
     parser.add_argument("--profile", action="store_true", help="print each model's top operators")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # child process: which model

@@ -15,7 +15,7 @@ from train_helpers import (
     STAGE1,
     compose_train,
     load_ckpt,
-    start_train,
+    run_train,
     tiny_ae,  # noqa: F401  (fixture)
     tiny_data,  # noqa: F401  (fixture)
     tiny_overrides,
@@ -85,33 +85,8 @@ def _combined(result: subprocess.CompletedProcess) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def cli_errors(tmp_path_factory, tiny_ae) -> dict[str, subprocess.CompletedProcess]:  # noqa: F811
-    """`python train.py` with four kinds of mistakes, run side by side (each one mostly waits on imports)."""
-    root = tmp_path_factory.mktemp("cli_errors")  # LDM_ROOT: no demo autoencoder, outputs land here
-    missing = root / "nowhere" / "train-*.tar"
-    cases = {
-        "experiment": ["experiment=nope"],
-        "key": ["experiment=uncond", "trainer.max_stepz=3"],
-        "shards": [
-            "experiment=uncond",
-            "logger=csv",
-            f"first_stage_ckpt={tiny_ae}",
-            f"data.train_shards={missing}",
-        ],
-        "first_stage": ["experiment=txt2img", "logger=csv"],
-    }
-    procs = {name: start_train(args, LDM_ROOT=str(root)) for name, args in cases.items()}
-    results = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=180)
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    results["missing"] = str(missing)
-    return results
-
-
-def test_unknown_experiment_lists_the_options(cli_errors):
-    result = cli_errors["experiment"]
+def test_unknown_experiment_lists_the_options(tmp_path):
+    result = run_train(["experiment=nope"], LDM_ROOT=str(tmp_path))
     out = _combined(result)
     assert result.returncode != 0
     assert "Could not find 'experiment/nope'" in out
@@ -119,24 +94,27 @@ def test_unknown_experiment_lists_the_options(cli_errors):
     assert "Traceback" not in out
 
 
-def test_unknown_config_key_is_named(cli_errors):
-    result = cli_errors["key"]
+def test_unknown_config_key_is_named(tmp_path):
+    result = run_train(["experiment=uncond", "trainer.max_stepz=3"], LDM_ROOT=str(tmp_path))
     out = _combined(result)
     assert result.returncode != 0
     assert "trainer.max_stepz" in out and "not in struct" in out
     assert "Traceback" not in out
 
 
-def test_shard_spec_matching_nothing_is_one_error_line(cli_errors):
-    result = cli_errors["shards"]
+def test_shard_spec_matching_nothing_is_one_error_line(tmp_path, tiny_ae):  # noqa: F811
+    missing = tmp_path / "nowhere" / "train-*.tar"
+    args = ["experiment=uncond", "logger=csv", f"first_stage_ckpt={tiny_ae}", f"data.train_shards={missing}"]
+    result = run_train(args, LDM_ROOT=str(tmp_path))
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2, _combined(result)
-    assert len(errors) == 1 and "train_shards" in errors[0] and cli_errors["missing"] in errors[0], errors
+    assert len(errors) == 1 and "train_shards" in errors[0] and str(missing) in errors[0], errors
     assert "Traceback" not in _combined(result)
 
 
-def test_stage2_without_first_stage_says_how_to_get_one(cli_errors):
-    result = cli_errors["first_stage"]
+def test_stage2_without_first_stage_says_how_to_get_one(tmp_path):
+    # LDM_ROOT without outputs/autoencoder_kl/latest: no demo autoencoder to fall back on
+    result = run_train(["experiment=txt2img", "logger=csv"], LDM_ROOT=str(tmp_path))
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2, _combined(result)
     assert len(errors) == 1, _combined(result)

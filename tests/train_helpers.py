@@ -13,9 +13,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
-
 from ldm_fixtures import save_tiny_autoencoder
+from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -70,6 +69,7 @@ def tiny_overrides(
     ae_path: Path | None,
     max_steps: int = 3,
     every: int = 2,
+    ckpt_every: int | None = None,
 ) -> list[str]:
     """Overrides that shrink `experiment` to seconds on a CPU: tiny widths, batch 4, few steps, csv logs."""
     out = [
@@ -92,7 +92,7 @@ def tiny_overrides(
         "+trainer.enable_model_summary=false",
         f"callbacks.image_logger.every_n_steps={every}",
         "callbacks.image_logger.max_images=4",
-        f"callbacks.periodic_checkpoint.every_n_train_steps={every}",
+        f"callbacks.periodic_checkpoint.every_n_train_steps={ckpt_every or every}",
     ]
     if experiment in STAGE1:
         out += [
@@ -183,6 +183,9 @@ class RankProbe(pl.Callback):
         self.out_dir = Path(out_dir)
         self.keys: list[list[str]] = []
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = {k: v.detach().cpu().clone() for k, v in pl_module.unet.state_dict().items()}
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.keys.append(list(batch.get("key", [])))
 
@@ -197,6 +200,7 @@ class RankProbe(pl.Callback):
                 "global_step": trainer.global_step,
                 "keys": self.keys,
                 "unet": unet,
+                "unet_start": self.start,
                 "ema_unet": {
                     k[5:]: v.detach().cpu().clone() for k, v in ema.items() if k.startswith("unet.")
                 },
