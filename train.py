@@ -15,11 +15,9 @@ os.environ.setdefault("WANDB_MODE", "offline")  # never phone home unless the us
 import warnings
 
 import hydra
-import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.errors import UserError
 from ldm.training.runtime import mark_latest, resolve_ckpt_path, resolved_config, user_errors_exit
@@ -31,13 +29,17 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Compose -> instantiate -> fit; returns the final logged metrics (tests call this directly)."""
+    # Imported here, not at the top: config mistakes then fail in a second, before Lightning loads.
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities import rank_zero_only
+
     pl.seed_everything(cfg.seed, workers=True)
     run_dir, runs_dir = Path(cfg.paths.output_dir), Path(cfg.paths.runs_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), runs_dir)  # before `latest` moves to this run
-    if rank_zero_only.rank == 0:  # one run folder: ranks > 0 must not move `latest` to a folder of their own
+    is_rank_zero = rank_zero_only.rank == 0  # ranks > 0 must not write a run folder of their own
+    if is_rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        mark_latest(run_dir, runs_dir)
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
@@ -47,6 +49,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             callback.set_run_config(resolved_config(cfg))
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if is_rank_zero:  # only once everything was built: a run that fails at start-up keeps `latest` as it was
+        mark_latest(run_dir, runs_dir)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except pl.utilities.exceptions.SIGTERMException:

@@ -7,7 +7,8 @@ start from identical weights (ours, converted to diffusers' names by diffusers' 
 the posterior mode in float32 and the two results must agree (`torch.testing.assert_close`).
 
 Each model runs in its own process (`bench/common.py`: interleaved step by step on CPU, one after the
-other on CUDA; CUDA max allocated or CPU peak-RSS growth as memory). `--full-loss` adds, for information,
+other on CUDA; CUDA max allocated or CPU peak-RSS growth as memory, the latter including one transient
+copy of the weights from loading them, in both). `--full-loss` adds, for information,
 our model with the full `AutoencoderLoss` (LPIPS with random VGG weights, PatchGAN with the adaptive
 weight, and the discriminator's own step), as one training iteration with the GAN active.
 `--profile` prints each model's top operators (torch.profiler) after timing.
@@ -125,8 +126,10 @@ def full_loss_step(model, x, autocast):
 
 def serve(args: argparse.Namespace) -> None:
     """Child process: build one model, check its output, then time steps on request."""
-    import diffusers  # noqa: F401  (every child pays the same imports before the memory baseline)
+    # Every child pays the same imports before the memory baseline (diffusers imports lazily)
+    import diffusers.models.autoencoders.autoencoder_kl  # noqa: F401
     import torch
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from safetensors.torch import load_file, save_file
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -142,8 +145,6 @@ def serve(args: argparse.Namespace) -> None:
     state = load_file(str(workdir / "weights.safetensors"))
     inputs = load_file(str(workdir / "inputs.safetensors"))
     if args.only == "diffusers":
-        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
         model = build_diffusers(args.size, args.resolution)
         prefixed = {f"first_stage_model.{k}": v for k, v in state.items()}  # the converter's source layout
         model.load_state_dict(convert_ldm_vae_checkpoint(prefixed, dict(model.config)), strict=True)

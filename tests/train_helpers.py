@@ -52,7 +52,7 @@ def make_tiny_data(out: Path, train: int = 64, val: int = 16, train_shards: int 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """64 train samples in 4 shards and 16 val samples in 2, at 32 px (made once per session)."""
+    """64 train samples in 4 shards and 16 val samples in 2, at 32 px (once per importing test file)."""
     return make_tiny_data(tmp_path_factory.mktemp("shapes32"))
 
 
@@ -169,10 +169,6 @@ def free_port() -> int:
 def load_ckpt(path: Path) -> dict:
     """A Lightning checkpoint the safe way (tensors and plain containers only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 class RankProbe(pl.Callback):

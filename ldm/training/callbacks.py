@@ -139,6 +139,9 @@ class GracefulInterrupt(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
+        # ModelCheckpoint rewrites last.ckpt only at its periodic saves; keep it at the final step so that
+        # `ckpt_path=last` continues a finished run (e.g. with a larger max_steps) from where it ended.
+        trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

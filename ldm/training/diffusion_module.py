@@ -135,7 +135,9 @@ class LatentDiffusionModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self._base_seed = torch.initial_seed()  # set by seed_everything(cfg.seed) in train.py
         datamodule = getattr(self.trainer, "datamodule", None)
-        if getattr(getattr(datamodule, "options", None), "latents", False):  # caches must match this autoencoder
+        if getattr(
+            getattr(datamodule, "options", None), "latents", False
+        ):  # caches must match this autoencoder
             datamodule.check_autoencoder(weights_identity(self.first_stage.autoencoder))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
