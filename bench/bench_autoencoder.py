@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers is built from a config
 SIZES = {
     "tiny": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),  # per-module overhead regime
     "demo": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),  # conf/model/autoencoder_kl.yaml
-    "sd": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, norm_groups=32),  # SD v1 kl-f8: 83,653,863
+    "sd": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, norm_groups=32),  # SD v1 kl-f8 (83.65M)
 }
 COMMON = dict(double_z=True, z_channels=4, in_channels=3, out_ch=3, attn_resolutions=[], dropout=0.0)
 EMBED_DIM = 4  # latent channels; diffusers ties them to z_channels
@@ -299,8 +299,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bf16"], help="bf16: autocast")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=128, help="image side in pixels")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--size", default="demo", choices=list(SIZES))
     parser.add_argument("--channels-last", action="store_true", help="both models and inputs in NHWC")
     parser.add_argument("--full-loss", action="store_true", help=f"also time {FULL_LOSS} (info only)")

@@ -114,7 +114,10 @@ class AttnBlock(nn.Module):
         b, c, height, width = x.shape
         h = self.norm(x)
         # (B, C, H, W) -> (B, 1, H*W, C): one head attending over all positions; SDPA scales by 1/sqrt(C)
-        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q(h), self.k(h), self.v(h)))
+        # contiguous (N, 1, HW, C): SDPA's flash / memory-efficient kernels need a unit last-dim stride
+        q, k, v = (
+            t.flatten(2).transpose(1, 2).contiguous().unsqueeze(1) for t in (self.q(h), self.k(h), self.v(h))
+        )
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, H*W, C)
         h = h.squeeze(1).transpose(1, 2).reshape(b, c, height, width)
         return x + self.proj_out(h)

@@ -137,11 +137,16 @@ class GracefulInterrupt(pl.Callback):
 
         self._previous_handler = signal.signal(signal.SIGINT, handler)
 
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ):
+        # ModelCheckpoint rewrites last.ckpt only at its periodic saves; write it at the final step as well,
+        # so `ckpt_path=last` continues a finished run (e.g. with a larger max_steps) from where it ended.
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
-        # ModelCheckpoint rewrites last.ckpt only at its periodic saves; keep it at the final step so that
-        # `ckpt_path=last` continues a finished run (e.g. with a larger max_steps) from where it ended.
-        trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
