@@ -22,13 +22,11 @@ forward and backward); with `--peak-tflops` the model FLOPs utilisation is FLOPs
 import argparse
 import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import current_rss_bytes, peak_memory_bytes, reply, run_children, serve_steps  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers is built from a config; nothing is downloaded
 
@@ -41,7 +39,6 @@ SIZES = {
 COMMON = dict(in_channels=4, out_channels=4, num_res_blocks=2, attention_resolutions=(4, 2, 1))
 CONTEXT_LEN = 77  # CLIP text tokens, as in SD
 LATENT_FACTOR = 8  # the SD autoencoder downsamples images 8x
-PROTOCOL = "@bench "  # prefix of the lines a child sends back (libraries may print too)
 
 
 def build_ours(size: str):
@@ -69,11 +66,6 @@ def build_diffusers(size: str, latent: int):
         flip_sin_to_cos=True,  # [cos, sin] order and zero frequency shift, as CompVis
         freq_shift=0,
     )
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -120,22 +112,14 @@ def serve(args: argparse.Namespace) -> None:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    reply("ready")
-    for command in sys.stdin:
-        if command.strip() == "step":
-            sync()
-            start, cpu_start = time.perf_counter(), time.process_time()
-            forward_backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync()
-            reply(f"{time.perf_counter() - start} {time.process_time() - cpu_start}")
-        else:  # finish
-            break
-    if cuda:
-        peak_mem = torch.cuda.max_memory_allocated(device)
-    else:
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+
+    def step() -> None:
+        forward_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    serve_steps(step, sync)
+    peak_mem = peak_memory_bytes(device, rss_before)
     with FlopCounterMode(display=False) as counter:  # after timing, so it cannot disturb it
         forward_backward()
     params = sum(p.numel() for p in model.parameters())
@@ -143,71 +127,12 @@ def serve(args: argparse.Namespace) -> None:
                           threads=torch.get_num_threads())))  # fmt: skip
 
 
-def reply(line: str) -> None:
-    print(PROTOCOL + line, flush=True)
-
-
-class Child:
-    """One model in its own process, driven line by line so the parent can interleave the two."""
-
-    def __init__(self, name: str, argv: list[str]) -> None:
-        self.name = name
-        self.stderr = tempfile.TemporaryFile(mode="w+")
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        cmd = [sys.executable, __file__, *argv, "--only", name]
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env
-        )
-        self.read()  # "ready"
-
-    def read(self) -> str:
-        for line in self.proc.stdout:
-            if line.startswith(PROTOCOL):
-                return line[len(PROTOCOL) :].strip()
-        self.stderr.seek(0)
-        sys.exit(f"the {self.name} benchmark process failed:\n{self.stderr.read()[-4000:]}")
-
-    def step(self) -> tuple[float, float]:
-        """One training step; returns (wall seconds, CPU seconds of the child process)."""
-        self.proc.stdin.write("step\n")
-        self.proc.stdin.flush()
-        wall, cpu = self.read().split()
-        return float(wall), float(cpu)
-
-    def finish(self) -> dict:
-        self.proc.stdin.write("finish\n")
-        self.proc.stdin.flush()
-        result = json.loads(self.read())
-        self.proc.wait()
-        return result
-
-
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, dict]:
-    """Time both models: interleaved step by step on CPU, one after the other on CUDA."""
-    names = ("ours", "diffusers")
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
-    results = {}
-    total = args.warmup + args.steps
-    if args.device.startswith("cuda"):
-        # A dedicated GPU is not shared, and two resident models could exhaust its memory.
-        for name in names:
-            child = Child(name, argv)
-            times[name] = [child.step() for _ in range(total)]
-            results[name] = child.finish()
-    else:
-        # CPU cores are often shared: alternating steps (ABBA...) exposes both models to the same load.
-        children = {name: Child(name, argv) for name in names}
-        for i in range(total):
-            for name in names if i % 2 == 0 else names[::-1]:
-                times[name].append(children[name].step())
-        results = {name: child.finish() for name, child in children.items()}
-    for name, result in results.items():
-        timed = times[name][args.warmup :]
-        result["step_s"] = statistics.median(wall for wall, _ in timed)
-        result["min_step_s"] = min(wall for wall, _ in timed)
-        result["cpu_s"] = statistics.median(cpu for _, cpu in timed)
-        result["images_per_s"] = args.batch_size / result["step_s"]
-    return results
+    """Time both models: interleaved step by step on CPU (shared cores), one after the other on CUDA."""
+    return run_children(
+        __file__, ("ours", "diffusers"), argv, args.warmup, args.steps, args.batch_size,
+        interleave=not args.device.startswith("cuda"),
+    )  # fmt: skip
 
 
 def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
