@@ -120,3 +120,23 @@ def test_stage2_without_first_stage_says_how_to_get_one(tmp_path):
     assert len(errors) == 1, _combined(result)
     assert "first_stage_ckpt" in errors[0] and "experiment=autoencoder_kl" in errors[0]
     assert "Traceback" not in _combined(result)
+
+
+def test_fsdp_trainer_config_builds_the_strategy():
+    """trainer=fsdp composes and its strategy gets real classes for the wrap policy (runs need GPUs)."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    from ldm.modules.attention import SpatialTransformer
+    from ldm.modules.unet import ResBlock
+
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=txt2img", "trainer=fsdp"])
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    policy = strategy.kwargs["auto_wrap_policy"]  # torch's ModuleWrapPolicy over the named classes
+    assert {ResBlock, SpatialTransformer} == set(policy._module_classes)
