@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   := data/shards/shapes
-# Demo length: the whole chain in about 20 min on 2 CPU cores (AE ~0.7 s/step, txt2img ~1.3 s/step at
+# Demo length: the whole chain in about 14 min on 2 CPU cores from a fresh clone (AE ~0.7 s/step, txt2img ~1 s/step at
 # batch 16 there); raise both for better models, e.g. `make demo AE_STEPS=2000 LDM_STEPS=3000`.
 AE_STEPS  ?= 400
 LDM_STEPS ?= 500
