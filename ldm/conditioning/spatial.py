@@ -98,9 +98,7 @@ class InpaintingConditioner(BaseConditioner):
         encode_fn: EncodeFn | None = None,
         latent_size: tuple[int, int] | None = None,
     ) -> Tensor:
-        image_key, mask_key = self.input_keys
-        masked_image = as_image_batch(get_input(batch, image_key, self), image_key)
-        mask = as_mask(get_input(batch, mask_key, self), mask_key)
+        masked_image, mask = self._read(batch)
         return self._concat(masked_image, mask, encode_fn)
 
     def null(
@@ -110,10 +108,14 @@ class InpaintingConditioner(BaseConditioner):
         encode_fn: EncodeFn | None = None,
         latent_size: tuple[int, int] | None = None,
     ) -> Tensor:
+        masked_image, mask = self._read(batch)
+        return self._concat(torch.zeros_like(masked_image), torch.ones_like(mask), encode_fn)
+
+    def _read(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """(masked image (B,3,H,W), mask (B,1,H,W)) from the batch, checked."""
         image_key, mask_key = self.input_keys
         masked_image = as_image_batch(get_input(batch, image_key, self), image_key)
-        mask = as_mask(get_input(batch, mask_key, self), mask_key)
-        return self._concat(torch.zeros_like(masked_image), torch.ones_like(mask), encode_fn)
+        return masked_image, as_mask(get_input(batch, mask_key, self), mask_key)
 
     def _concat(self, masked_image: Tensor, mask: Tensor, encode_fn: EncodeFn | None) -> Tensor:
         latents = _encode(encode_fn, masked_image, self.latent_channels, self)  # (B, C, h, w)
