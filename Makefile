@@ -8,12 +8,17 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   := data/shards/shapes
-# Demo length: the whole chain in about 14 min on 2 CPU cores from a fresh clone (AE ~0.7 s/step, txt2img ~1 s/step at
-# batch 16 there); raise both for better models, e.g. `make demo AE_STEPS=2000 LDM_STEPS=3000`.
-AE_STEPS  ?= 400
-LDM_STEPS ?= 500
+LATENTS := data/shards/shapes_latents
+EX     := $(DATA)/examples
+AE     := outputs/autoencoder_kl/latest/model.safetensors
+# Demo length: raise the steps for better
+# models, e.g. `make demo AE_STEPS=2000 LDM_STEPS=5000 TASK_STEPS=2000`.
+AE_STEPS   ?= 400
+LDM_STEPS  ?= 1200
+TASK_STEPS ?= 300
+SAMPLE     := $(BIN)/python sample.py steps=25 seed=0
 
-.PHONY: install data demo demo-autoencoder demo-txt2img demo-sample test test-all lint bench clean
+.PHONY: install data demo demo-autoencoder demo-latents demo-txt2img demo-tasks demo-sample test test-all lint bench clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -27,17 +32,47 @@ data: $(DATA)/manifest.json
 $(DATA)/manifest.json: data/make_dataset.py | $(STAMP)
 	$(BIN)/python data/make_dataset.py --out $(DATA)
 
-demo: install data demo-autoencoder demo-txt2img demo-sample
+# The whole chain: autoencoder -> cached latents -> txt2img model -> class / semantic / superres models ->
+# every sample.py task from those models.
+demo: install data demo-autoencoder demo-latents demo-txt2img demo-tasks demo-sample
 
 demo-autoencoder: install data
 	$(BIN)/python train.py experiment=autoencoder_kl trainer.max_steps=$(AE_STEPS)
 
+# Latents and caption states computed once (stage 2 then runs neither the encoder nor the text encoder).
+demo-latents: install data
+	for split in train val; do $(BIN)/python -m ldm.data.cache_latents --ckpt $(AE) \
+		--shards "$(DATA)/$$split-*.tar" --out $(LATENTS) --prefix $$split \
+		--text-encoder default --text-max-length 32 || exit 1; done
+
 demo-txt2img: install data
-	$(BIN)/python train.py experiment=txt2img trainer.max_steps=$(LDM_STEPS)
+	$(BIN)/python train.py experiment=txt2img data=shapes_latents 'data.keys=[caption,caption_emb]' \
+		trainer.max_steps=$(LDM_STEPS)
+
+# Small models for the tasks a text model cannot serve (class ids, segmentation maps, low-res images).
+demo-tasks: install data
+	$(BIN)/python train.py experiment=class_cond data=shapes_latents 'data.keys=[label]' \
+		trainer.max_steps=$(TASK_STEPS)
+	$(BIN)/python train.py experiment=semantic data=shapes_latents 'data.keys=[segmap]' \
+		trainer.max_steps=$(TASK_STEPS)
+	$(BIN)/python train.py experiment=superres trainer.max_steps=$(TASK_STEPS)
 
 demo-sample: install
-	$(BIN)/python sample.py task=txt2img ckpt=outputs/txt2img/latest/model.safetensors \
-		prompt_file=data/demo_prompts.txt n=2 steps=25 out_dir=outputs/samples/txt2img
+	$(SAMPLE) task=txt2img ckpt=outputs/txt2img/latest/model.safetensors \
+		prompt_file=data/demo_prompts.txt n=2 out_dir=outputs/samples/txt2img
+	$(SAMPLE) task=img2img ckpt=outputs/txt2img/latest/model.safetensors image=$(EX)/image.png \
+		'prompt=a large red circle on a blue background' strength=0.7 n=4 out_dir=outputs/samples/img2img
+	$(SAMPLE) task=inpaint ckpt=outputs/txt2img/latest/model.safetensors image=$(EX)/image.png \
+		mask=$(EX)/mask.png 'prompt=a large yellow star on a green background' n=4 out_dir=outputs/samples/inpaint
+	$(SAMPLE) task=outpaint ckpt=outputs/txt2img/latest/model.safetensors image=$(EX)/image.png \
+		'pad=[16,0,16,0]' prompt_file=$(EX)/caption.txt n=4 out_dir=outputs/samples/outpaint
+	$(SAMPLE) task=uncond ckpt=outputs/txt2img/latest/model.safetensors n=8 out_dir=outputs/samples/uncond
+	$(SAMPLE) task=class ckpt=outputs/class_cond/latest/model.safetensors 'label=[0,1,2,3,4]' n=2 \
+		out_dir=outputs/samples/class
+	$(SAMPLE) task=semantic ckpt=outputs/semantic/latest/model.safetensors segmap=$(EX)/segmap.png n=4 \
+		out_dir=outputs/samples/semantic
+	$(SAMPLE) task=superres ckpt=outputs/superres/latest/model.safetensors image=$(EX)/lowres.png n=4 \
+		out_dir=outputs/samples/superres
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -7,6 +7,7 @@ python sample.py ckpt=sd-v1-4.ckpt config=v1-inference.yaml text_encoder=clip-vi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -33,9 +34,11 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(
             "pass ckpt=<model.safetensors or .ckpt from train.py, or a CompVis checkpoint + config=>."
         )
+    spacing = str(cfg.spacing)
     settings = Settings(
         sampler=instantiate_or_user_error(cfg.sampler, _convert_="all"),
-        steps=StepSchedule(steps=int(cfg.steps), spacing=str(cfg.spacing)),
+        # a bad value fails here, before the model loads; "auto" is settled once the model is known
+        steps=StepSchedule(steps=int(cfg.steps), spacing="leading" if spacing == "auto" else spacing),
         cfg_scale=float(cfg.cfg_scale),
         batch_size=int(cfg.batch_size),
         seed=int(cfg.seed),
@@ -49,12 +52,18 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         cfg.ckpt, config=cfg.get("config"), use_ema=bool(cfg.use_ema), text_encoder=cfg.get("text_encoder")
     )
     load_s = time.perf_counter() - start
+    if spacing == "auto":  # Lin et al. 2024: a zero-terminal-SNR model starts from its pure-noise step
+        spacing = (
+            "trailing" if getattr(loaded.module.loss.schedule, "zero_terminal_snr", False) else "leading"
+        )
+    settings = dataclasses.replace(settings, steps=StepSchedule(steps=int(cfg.steps), spacing=spacing))
     job = task.build(loaded, n=int(cfg.n), height=cfg.get("height"), width=cfg.get("width"))
     prepare(loaded, settings.device, compile_unet=bool(cfg.get("compile")))
     result = run_job(loaded, job, settings)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     run = {
         **{k: cfg[k] for k in RUN_KEYS},
+        "spacing": spacing,
         "device": str(settings.device),
         "sampler": sampler,
         "sampler_name": str(sampler.get("_target_", "")).rsplit(".", 1)[-1],

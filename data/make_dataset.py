@@ -205,6 +205,22 @@ def write_split(
     return [dict(name=job[0].name, split=split, count=n) for job, n in zip(jobs, counts)]
 
 
+def write_examples(out: Path, resolution: int, seed: int) -> list[str]:
+    """Inputs for every sample.py task from one validation sample (`make demo-sample` uses them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    x = make_sample(seed, "val", 0, resolution)
+    image = x["image"]
+    image.save(out / "image.png")  # img2img, inpaint, outpaint
+    x["segmap"].save(out / "segmap.png")  # semantic: class ids, 0 = background
+    image.resize((resolution // 4,) * 2, Image.Resampling.BICUBIC).save(out / "lowres.png")  # superres x4
+    mask = Image.new("L", (resolution, resolution), 0)  # inpaint: white = generate (the centre quarter)
+    lo, hi = resolution // 4, 3 * resolution // 4 - 1
+    ImageDraw.Draw(mask).rectangle([lo, lo, hi, hi], fill=255)
+    mask.save(out / "mask.png")
+    (out / "caption.txt").write_text(x["caption"] + "\n")
+    return ["image.png", "segmap.png", "lowres.png", "mask.png", "caption.txt"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "shards" / "shapes")
@@ -248,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         segmap_classes=["background", *SHAPES],
     )
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_examples(args.out / "examples", args.resolution, args.seed)
     took = time.perf_counter() - t0
     print(f"wrote {manifest['total']} samples in {len(shards)} shards to {args.out} ({took:.1f}s)")
     return 0

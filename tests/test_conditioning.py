@@ -74,6 +74,23 @@ def test_text_encoder_null_is_the_fixed_empty_prompt(text_encoder):
     torch.testing.assert_close(text_encoder.null({"caption": ["z"]})[0], null[0])  # fixed
 
 
+def test_text_encoder_reads_cached_states(text_encoder):
+    # cache_latents --text-encoder stores the states as caption_emb: used as they are, never re-encoded.
+    states = text_encoder({"caption": PROMPTS[:2]})
+    cached = text_encoder({"caption": ["ignored", "ignored"], "caption_emb": states.half()})
+    torch.testing.assert_close(cached, states.half().float())
+    assert text_encoder.null({"caption_emb": states}).shape == (2, MAX_LEN, 384)  # no caption needed
+    with pytest.raises(UserError, match="caption_emb.*max_length=32.*--text-max-length 32"):
+        text_encoder({"caption": ["a"], "caption_emb": torch.zeros(1, 77, 384)})
+    manifest = {"text_encoder": {"model": text_encoder.model_name, "max_length": MAX_LEN}}
+    text_encoder.check_cache(manifest, keys=["caption", "caption_emb"])  # same encoder: fine
+    with pytest.raises(UserError, match="other-encoder"):
+        text_encoder.check_cache(
+            {"text_encoder": {"model": "other-encoder", "max_length": 32}}, ["caption_emb"]
+        )
+    text_encoder.check_cache({"text_encoder": {"model": "other-encoder"}}, ["caption"])  # cache not read
+
+
 def test_text_encoder_is_frozen(text_encoder):
     assert not text_encoder.trainable
     assert not any(p.requires_grad for p in text_encoder.parameters())

@@ -192,3 +192,36 @@ def test_sample_mode_bfloat16_and_vq(shapes, tmp_path):
     with torch.no_grad():
         ref = vq.encode_latent(direct[key][0][None])[0]
     torch.testing.assert_close(torch.from_numpy(z).float(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_cached_caption_states_feed_the_text_conditioner(shapes, tmp_path):
+    from ldm.conditioning import FrozenTextEncoder
+
+    _, ckpt = _save_autoencoder(tmp_path / "ae", seed=0)
+    out = tmp_path / "latents"
+    m = cache_latents(
+        str(ckpt),
+        str(shapes / "val-*.tar"),
+        out,
+        prefix="val",
+        num_workers=0,
+        text_encoder="default",
+        text_max_length=8,
+    )
+    dm = ShardDataModule(
+        str(out / "val-*.tar"),
+        None,
+        latents=True,
+        batch_size=4,
+        keys=["caption", "caption_emb"],
+        num_workers=0,
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    encoder = FrozenTextEncoder(max_length=8)
+    encoder.check_cache(m, dm.options.keys)  # same encoder and length: accepted
+    assert batch["caption_emb"].shape == (4, 8, 384)
+    cached = encoder(batch)  # the cached states, not a new encoding
+    torch.testing.assert_close(cached, encoder.encode_prompts(batch["caption"]), atol=4e-3, rtol=4e-3)
+    with pytest.raises(UserError, match="max_length 8"):
+        FrozenTextEncoder(max_length=16).check_cache(m, dm.options.keys)

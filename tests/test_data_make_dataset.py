@@ -81,3 +81,23 @@ def test_png_members_decode(tmp_path):
         meta = json.loads(tar.extractfile("train_00000000.json").read())
     assert seg.mode == "L" and seg.size == img.size == (48, 48)
     assert meta["label_name"] == make_dataset.SHAPES[meta["label"]]
+
+
+def test_examples_are_inputs_for_every_sample_task(tmp_path):
+    # `make data` writes one validation sample as the inputs `make demo-sample` feeds to sample.py.
+    assert (
+        make_dataset.main(
+            ["--out", str(tmp_path), "--workers", "1", "--resolution", "32", "--train", "4", "--val", "2"]
+        )
+        == 0
+    )
+    ex = tmp_path / "examples"
+    x = make_dataset.make_sample(0, "val", 0, 32)
+    image = Image.open(ex / "image.png")
+    assert image.size == (32, 32) and np.array_equal(np.asarray(image), np.asarray(x["image"]))
+    assert Image.open(ex / "lowres.png").size == (8, 8)  # superres x4 input
+    seg = np.asarray(Image.open(ex / "segmap.png"))
+    assert np.array_equal(seg, np.asarray(x["segmap"])) and seg.max() <= len(make_dataset.SHAPES)
+    mask = np.asarray(Image.open(ex / "mask.png"))
+    assert set(np.unique(mask)) == {0, 255} and (mask == 255).sum() == 16 * 16  # the centre quarter
+    assert (ex / "caption.txt").read_text().strip() == x["caption"]

@@ -221,6 +221,16 @@ def test_uncond_non_square_size_and_class_labels(root):
     assert record["guidance"]  # the null class
 
 
+def test_uncond_from_a_text_model_is_its_empty_prompt(root):
+    # The empty prompt is the null condition: both guidance branches agree, so the scale cannot matter.
+    a = run_sample(root, "txt2img", "task=uncond", "n=2", "cfg_scale=1")
+    assert [p["prompt"] for p in check_outputs(a, 2, (SIZE, SIZE))] == ["", ""]
+    first, second = pixels(a, 0), pixels(a, 1)  # read now: the next run writes to the same folder
+    assert np.abs(first - second).mean() > 1  # different seeds, different images
+    b = run_sample(root, "txt2img", "task=uncond", "n=2", "cfg_scale=7")
+    assert np.abs(first - pixels(b, 0)).max() <= 1  # equal up to PNG rounding
+
+
 def test_superres_upscales_by_the_models_factor(root):
     record = run_sample(root, "superres", "task=superres", f"image={root / 'lowres.png'}", "n=1")
     params = check_outputs(record, 1, (SIZE, SIZE))  # 8x8 in, x4 out

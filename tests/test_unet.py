@@ -92,6 +92,33 @@ def test_class_label_changes_output_and_is_required():
         model(x, t, y=torch.tensor([1, 2]))
 
 
+def test_pooled_context_reaches_the_time_embedding():
+    # Imagen-style pooled text: the MLP of the context's mean is added to the timestep embedding.
+    model = randomized(UNetModel(**TINY, pooled_context=True))
+    plain = UNetModel(**TINY)
+    extra = set(model.state_dict()) - set(plain.state_dict())
+    assert extra == {
+        "context_emb.0.weight",
+        "context_emb.0.bias",
+        "context_emb.2.weight",
+        "context_emb.2.bias",
+    }
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, 16)
+    t_emb = timestep_embedding(t, 32)
+    expected = model.time_embed(t_emb) + model.context_emb(ctx.mean(1))
+    seen = {}
+    hook = model.input_blocks[1][0].register_forward_hook(lambda m, args, out: seen.update(emb=args[1]))
+    with torch.no_grad():
+        out = model(x, t, ctx)
+        model.context_emb[2].bias.add_(1.0)  # only the pooled path changes
+        out_shifted = model(x, t, ctx)
+    hook.remove()
+    torch.testing.assert_close(seen["emb"], expected + 1.0)
+    assert (out - out_shifted).abs().mean() > 1e-3 * out.abs().mean()
+    with pytest.raises(UserError, match="pooled_context"):
+        UNetModel(**{**TINY, "context_dim": None}, pooled_context=True)
+
+
 def test_concatenated_conditioning_channels():
     # Inpainting layout: noisy latent (4) + mask (1) + masked-image latent (4) -> 4 output channels.
     model = randomized(UNetModel(**{**TINY, "in_channels": 9}))

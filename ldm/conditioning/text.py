@@ -93,12 +93,14 @@ class FrozenTextEncoder(BaseConditioner):
         input_key: str = "caption",
         dropout: float = 0.0,  # SD v1.5 trained with 0.1 for classifier-free guidance
         allow_download: bool = False,  # only then may a hub id be fetched from the network
+        cached_key: str | None = "caption_emb",  # batch key of states cached by cache_latents --text-encoder
     ) -> None:
         super().__init__(dropout)
         if layer not in ("last", "penultimate"):
             raise UserError(f"FrozenTextEncoder: layer={layer!r}; use 'last' or 'penultimate'.")
         self.model_name = model if model is not None else default_text_encoder()
         self.input_keys = (input_key,)
+        self.cached_key = cached_key
         self.max_length = int(max_length)
         self.layer = layer
         config, self.tokenizer, self.transformer = _load(self.model_name, allow_download)
@@ -145,6 +147,38 @@ class FrozenTextEncoder(BaseConditioner):
         key = self.input_keys[0]
         return {key: as_prompts(get_input(inputs, key, self), key)}
 
+    def _cached(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """States precomputed by `cache_latents --text-encoder` (the encoder then never runs), checked."""
+        if self.cached_key is None or self.cached_key not in batch:
+            return None
+        emb = batch[self.cached_key]
+        want = (self.max_length, self.context_dim)
+        if not isinstance(emb, Tensor) or emb.ndim != 3 or tuple(emb.shape[1:]) != want:
+            got = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+            raise UserError(
+                f"Batch key '{self.cached_key}' holds {got}, but this text encoder ({self.model_name}, "
+                f"max_length={self.max_length}) gives (B, {want[0]}, {want[1]}); re-run cache_latents with "
+                f"--text-encoder for this model and --text-max-length {self.max_length}, or drop "
+                f"'{self.cached_key}' from data.keys to encode captions on the fly."
+            )
+        return emb.to(self.null_context.device, self.null_context.dtype)
+
+    def check_cache(self, manifest: Mapping[str, Any], keys: Sequence[str]) -> None:
+        """Refuse cached states (latent-cache manifest) made by another text encoder or token length."""
+        info = manifest.get("text_encoder") or {}
+        if self.cached_key not in keys or not info:
+            return
+        same_model = str(info.get("model")) == self.model_name or (
+            Path(str(info.get("model"))).resolve() == Path(self.model_name).resolve()
+        )
+        if not same_model or int(info.get("max_length", -1)) != self.max_length:
+            raise UserError(
+                f"The latent cache's '{self.cached_key}' came from text encoder {info.get('model')} "
+                f"(max_length {info.get('max_length')}), but this run's is {self.model_name} (max_length "
+                f"{self.max_length}); re-run cache_latents with this encoder or drop '{self.cached_key}' "
+                "from data.keys."
+            )
+
     def forward(
         self,
         batch: Mapping[str, Any],
@@ -152,6 +186,9 @@ class FrozenTextEncoder(BaseConditioner):
         encode_fn: EncodeFn | None = None,
         latent_size: tuple[int, int] | None = None,
     ) -> Tensor:
+        cached = self._cached(batch)
+        if cached is not None:
+            return cached
         key = self.input_keys[0]
         return self.encode_prompts(as_prompts(get_input(batch, key, self), key))
 
@@ -162,7 +199,10 @@ class FrozenTextEncoder(BaseConditioner):
         encode_fn: EncodeFn | None = None,
         latent_size: tuple[int, int] | None = None,
     ) -> Tensor:
-        n = len(as_prompts(get_input(batch, self.input_keys[0], self), self.input_keys[0]))
+        if self.cached_key is not None and self.cached_key in batch:
+            n = int(batch[self.cached_key].shape[0])
+        else:
+            n = len(as_prompts(get_input(batch, self.input_keys[0], self), self.input_keys[0]))
         return self.null_context.expand(n, -1, -1)
 
     def extra_repr(self) -> str:

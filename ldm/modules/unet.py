@@ -123,6 +123,7 @@ class UNetModel(nn.Module):
         dropout: float = 0.0,  # inside ResBlocks only, as in CompVis
         conv_resample: bool = True,  # learned down/upsampling convs (False: average pooling / copy)
         legacy: bool = True,  # CompVis head-width rule: dim_head = ch // heads (same for divisible widths)
+        pooled_context: bool = False,  # also add an MLP of the mean-pooled context to the time embedding
     ) -> None:
         super().__init__()
         if num_heads == -1 and num_head_channels == -1:
@@ -165,6 +166,18 @@ class UNetModel(nn.Module):
         )
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+        self.pooled_context = bool(pooled_context)
+        if self.pooled_context:
+            # Imagen (Saharia et al. 2022, Sec. 2.4) adds a pooled text embedding to the timestep embedding:
+            # global attributes (colours, the class of a scene) are learned far sooner than through
+            # cross-attention alone. Not in SD v1, so off by default (CompVis checkpoints have no such keys).
+            if context_dim is None:
+                raise UserError(
+                    "UNetModel: pooled_context=true needs context_dim (a cross-attention context)"
+                )
+            self.context_emb = nn.Sequential(
+                nn.Linear(context_dim, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+            )
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
@@ -252,6 +265,8 @@ class UNetModel(nn.Module):
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # (N, 4C)
         if y is not None:
             emb = emb + self.label_emb(y)
+        if self.pooled_context:
+            emb = emb + self.context_emb(context.mean(dim=1).to(emb.dtype))  # (N, L, D) -> (N, 4C)
 
         skips = []
         h = x  # (N, C_in, H, W)

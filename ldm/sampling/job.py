@@ -2,7 +2,7 @@
 
 Which tasks a checkpoint supports follows from the batch keys its conditioner reads:
 
-    caption                -> txt2img, img2img, inpaint (latent blending), outpaint
+    caption                -> txt2img, img2img, inpaint (latent blending), outpaint, uncond (empty prompt)
     masked_image + mask    -> inpaint, outpaint (through the concat condition)
     lowres                 -> superres
     segmap                 -> semantic
@@ -21,7 +21,9 @@ from torch import Tensor
 from ldm.errors import UserError
 
 TASKS_BY_INPUT: dict[str, tuple[str, ...]] = {
-    "caption": ("txt2img", "img2img", "inpaint", "outpaint"),
+    # uncond: a text model trained with caption dropout is also the unconditional model under the empty
+    # prompt (the null condition of classifier-free guidance, Ho & Salimans 2022).
+    "caption": ("txt2img", "img2img", "inpaint", "outpaint", "uncond"),
     "masked_image": ("inpaint", "outpaint"),
     "mask": ("inpaint", "outpaint"),
     "lowres": ("superres",),
@@ -44,7 +46,7 @@ TASK_NEEDS = {
     "superres": "a low-resolution image",
     "semantic": "a segmentation map",
     "class": "class labels",
-    "uncond": "nothing (an unconditional model)",
+    "uncond": "nothing (an unconditional model) or text prompts (sampled with the empty prompt)",
 }
 
 

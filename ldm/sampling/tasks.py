@@ -121,7 +121,7 @@ class Txt2Img(Task):
 
 
 class Uncond(Task):
-    """Unconditional samples (LDM Sec. 4.1)."""
+    """Unconditional samples (LDM Sec. 4.1); from a text model, with the empty prompt."""
 
     def __init__(self, name: str = "uncond") -> None:
         super().__init__(name)
@@ -130,6 +130,10 @@ class Uncond(Task):
         self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
     ) -> Job:
         self.check(model)
+        if "caption" in model.input_keys:  # a text model under its null (empty) prompt
+            if n < 1:
+                raise UserError(f"n={n}: ask for at least one image.")
+            return self.job(model, self.size(model, height, width), [{"caption": ""} for _ in range(n)])
         return self.job(model, self.size(model, height, width), self.per_image(model, n))
 
 

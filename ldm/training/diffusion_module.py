@@ -51,7 +51,9 @@ class LatentDiffusionModule(pl.LightningModule):
         self.loss = loss
         self.optim = dict(optim)
         self.sampler = sampler
-        self.preview_steps = StepSchedule(steps=preview_steps)
+        # Lin et al. 2024: a zero-terminal-SNR model's previews start from its pure-noise step (trailing).
+        spacing = "trailing" if getattr(loss.schedule, "zero_terminal_snr", False) else "leading"
+        self.preview_steps = StepSchedule(steps=preview_steps, spacing=spacing)
         self.preview_cfg_scale = preview_cfg_scale
         unet_cfg = getattr(unet, "config", None) or {}
         conditioner.check_unet(
@@ -135,10 +137,12 @@ class LatentDiffusionModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self._base_seed = torch.initial_seed()  # set by seed_everything(cfg.seed) in train.py
         datamodule = getattr(self.trainer, "datamodule", None)
-        if getattr(
-            getattr(datamodule, "options", None), "latents", False
-        ):  # caches must match this autoencoder
-            datamodule.check_autoencoder(weights_identity(self.first_stage.autoencoder))
+        options = getattr(datamodule, "options", None)
+        if getattr(options, "latents", False):  # caches must match this autoencoder (and text encoder)
+            manifests = datamodule.check_autoencoder(weights_identity(self.first_stage.autoencoder))
+            for c in self.conditioner.conditioners.values():
+                for manifest in manifests if hasattr(c, "check_cache") else ():
+                    c.check_cache(manifest, options.keys)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         gen = self._generator(
