@@ -107,9 +107,7 @@ def test_scale_factor_from_first_batch_and_ema_arithmetic(ae_path):
     module = instantiate(ldm_config(ae_path, "uncond", ema_decay=0.5, ema_warmup=False))
     assert not module.first_stage.scale_known
     batch = make_batch("uncond", n=8)
-    unscaled = module.first_stage.encode_unscaled(
-        batch["image"], sample=True, generator=torch.Generator().manual_seed(0)
-    )
+    unscaled = module.first_stage.encode_unscaled(batch["image"], sample=False)  # sample_posterior=false
     initial = {n: p.detach().clone() for n, p in module.unet.named_parameters()}
     _fit(module, batch, 2)
     assert module.first_stage.scale_known
@@ -179,3 +177,18 @@ def test_compvis_unet_state_dict_loads_into_our_unet(reference_dir):
     unet = UNetModel(**kwargs)
     missing, unexpected = unet.load_state_dict(strip_prefix(state, "model.diffusion_model."), strict=True)
     assert not missing and not unexpected
+
+
+def test_latents_posterior_mean_or_draw(ae_path):
+    """sample_posterior=false trains on the posterior mean; true on a draw mean + std * noise."""
+    batch = make_batch("uncond")
+    mean, logvar = torch.randn(4, 4, 8, 8), torch.full((4, 4, 8, 8), -2.0)
+    cached = {"latent_mean": mean, "latent_logvar": logvar}
+    for sample in (False, True):
+        module = instantiate(ldm_config(ae_path, "uncond", sample_posterior=sample))
+        module.first_stage.scale_factor.fill_(0.5)
+        z = module.latents(cached, torch.Generator().manual_seed(3))
+        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(z, 0.5 * (mean + (sample * (0.5 * logvar).exp()) * noise))
+        online = [module.latents(batch, torch.Generator().manual_seed(s)) for s in (1, 2)]
+        assert torch.equal(online[0], online[1]) != sample  # a draw depends on the generator, the mean not

@@ -126,8 +126,11 @@ def root(tmp_path_factory) -> Path:
         root / "ae" / "model.safetensors",
         {"model": {"autoencoder": AUTOENCODER}},
     )
-    for name, (conditioners, unet) in MODELS.items():
+    for name, (conditioners, unet) in [*MODELS.items(), ("uncond_v_ztsnr", ({}, {}))]:
         cfg = model_config(ae_path, copy.deepcopy(conditioners), **unet)
+        if name == "uncond_v_ztsnr":  # the stage-2 default objective: v-prediction, zero-terminal SNR
+            cfg["loss"].update(parameterization="v")
+            cfg["loss"]["schedule"].update(zero_terminal_snr=True)
         module = instantiate(copy.deepcopy(cfg))
         with torch.no_grad():  # zero-initialised output convs would make the UNet ignore t and the condition
             for p in module.unet.parameters():
@@ -208,12 +211,19 @@ def test_txt2img_prompt_file_files_and_metadata(root):
     assert {p["negative_prompt"] for p in params} == {"blurry"}
     assert params[0]["steps"] == 3 and params[0]["sampler_name"] == "sample_ddim" and params[0]["used_ema"]
     assert record["checkpoint"]["format"] == "export" and record["guidance"]
+    # spacing=auto: SD's schedule (no zero-terminal SNR) keeps CompVis' leading spacing
+    assert record["parameters"]["spacing"] == "leading" and params[0]["spacing"] == "leading"
     assert np.abs(pixels(record, 0) - pixels(record, 1)).mean() > 1  # different seeds, different images
 
 
 def test_uncond_non_square_size_and_class_labels(root):
-    record = run_sample(root, "uncond", "task=uncond", "n=2", "height=16", "width=24")
+    record = run_sample(root, "uncond", "task=uncond", "n=2", "height=16", "width=24", "spacing=leading")
     check_outputs(record, 2, (16, 24))
+    assert record["parameters"]["spacing"] == "leading"  # given explicitly: not replaced by auto
+    # spacing=auto on a zero-terminal-SNR model: start at its pure-noise step (trailing, Lin et al. 2024)
+    record = run_sample(root, "uncond_v_ztsnr", "task=uncond", "n=1")
+    assert record["parameters"]["spacing"] == "trailing"
+    assert np.isfinite(pixels(record, 0)).all() and pixels(record, 0).std() > 1  # not a flat image
     assert not record["guidance"]  # nothing to guide: no doubled batch
     record = run_sample(root, "class", "task=class", "label=[0,2]", "n=2")
     params = check_outputs(record, 4, (SIZE, SIZE))

@@ -43,6 +43,7 @@ class LatentDiffusionModule(pl.LightningModule):
         preview_steps: int = 25,
         preview_cfg_scale: float = 3.0,
         init_from: str | None = None,  # fine-tune: start from these weights (export, .ckpt or SD v1 file)
+        sample_posterior: bool = True,  # KL first stage: a posterior draw per step (CompVis), or its mean
     ) -> None:
         super().__init__()
         self.unet = unet
@@ -55,6 +56,7 @@ class LatentDiffusionModule(pl.LightningModule):
         spacing = "trailing" if getattr(loss.schedule, "zero_terminal_snr", False) else "leading"
         self.preview_steps = StepSchedule(steps=preview_steps, spacing=spacing)
         self.preview_cfg_scale = preview_cfg_scale
+        self.sample_posterior = bool(sample_posterior)
         unet_cfg = getattr(unet, "config", None) or {}
         conditioner.check_unet(
             context_dim=getattr(unet, "context_dim", unet_cfg.get("context_dim")),
@@ -101,13 +103,16 @@ class LatentDiffusionModule(pl.LightningModule):
     def latents(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
         """Scaled latents of a batch: from cached posterior moments, or by encoding `image`."""
         if all(k in batch for k in LATENT_KEYS):
-            mean, logvar = batch["latent_mean"].float(), batch["latent_logvar"].float()
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-            unscaled = mean + (0.5 * logvar).exp() * noise
+            unscaled = batch["latent_mean"].float()
+            if self.sample_posterior:
+                noise = torch.randn(unscaled.shape, generator=generator, device=unscaled.device)
+                unscaled = unscaled + (0.5 * batch["latent_logvar"].float()).exp() * noise
         elif "latent" in batch:
             unscaled = batch["latent"].float()
         elif "image" in batch:
-            unscaled = self.first_stage.encode_unscaled(batch["image"], sample=True, generator=generator)
+            unscaled = self.first_stage.encode_unscaled(
+                batch["image"], sample=self.sample_posterior, generator=generator
+            )
         else:
             raise UserError(f"batch has neither 'image' nor latent keys {LATENT_KEYS}; got {sorted(batch)}")
         if not self.first_stage.scale_known:
@@ -251,6 +256,11 @@ class LatentDiffusionModule(pl.LightningModule):
             if hasattr(c, "upscale"):
                 return float(c.upscale)
         return 1.0
+
+    @property
+    def last_batch(self) -> dict[str, Any] | None:
+        """What the ImageLogger renders at the end of training: the fixed preview conditions."""
+        return self._fixed_batch
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], max_images: int = 8) -> dict[str, Tensor]:
