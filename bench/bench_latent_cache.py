@@ -27,7 +27,7 @@ from ldm.interop.checkpoint import save_safetensors  # noqa: E402
 
 SIZES = {
     # the embedded demo: conf/model/autoencoder_kl.yaml at 64 px, conf/model/ldm.yaml UNet
-    "demo": dict(resolution=64, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, unet_channels=64, mult=[1, 2, 2]),
+    "demo": dict(resolution=64, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, unet_channels=32, mult=[1, 2, 2]),
     # SD v1's f=8 VAE at 256 px with a small UNet: encoding dominates more as the autoencoder grows
     "sd": dict(
         resolution=256, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, unet_channels=64, mult=[1, 2, 2]
