@@ -13,22 +13,71 @@ from ldm.interop.checkpoint import save_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_AE = {
-    "_target_": "ldm.models.autoencoder.AutoencoderKL",
-    "embed_dim": 4,
-    "ddconfig": dict(
+
+def autoencoder_config(resolution: int = 32, ch_mult: tuple[int, ...] = (1, 2)) -> dict:
+    """A tiny AutoencoderKL config: 4 latent channels, f = 2 ** (len(ch_mult) - 1)."""
+    ddconfig = dict(
         double_z=True,
         z_channels=4,
-        resolution=32,
+        resolution=resolution,
         in_channels=3,
         out_ch=3,
         ch=32,
-        ch_mult=[1, 2],
+        ch_mult=list(ch_mult),
         num_res_blocks=1,
         attn_resolutions=[],
         dropout=0.0,
-    ),
-}
+    )
+    return {"_target_": "ldm.models.autoencoder.AutoencoderKL", "embed_dim": 4, "ddconfig": ddconfig}
+
+
+def save_autoencoder(path: Path, config: dict) -> Path:
+    """A randomly initialised autoencoder (current torch seed) exported as train.py would."""
+    return save_safetensors(instantiate(config).state_dict(), path, {"model": {"autoencoder": config}})
+
+
+def stage2_config(
+    ae_path: Path | str,
+    conditioners: dict,
+    *,
+    scale_factor: float = 0.8,
+    ema_decay: float = 0.999,
+    **unet: Any,
+) -> dict:
+    """A LatentDiffusionModule config with a tiny UNet (32 channels, one block per level, SD's schedule)."""
+    return {
+        "_target_": "ldm.training.diffusion_module.LatentDiffusionModule",
+        "unet": {
+            "_target_": "ldm.modules.unet.UNetModel",
+            "in_channels": 4,
+            "out_channels": 4,
+            "model_channels": 32,
+            "num_res_blocks": 1,
+            "attention_resolutions": [2],
+            "channel_mult": [1, 2],
+            "num_head_channels": 32,
+            **unet,
+        },
+        "conditioner": {
+            "_target_": "ldm.conditioning.conditioner.Conditioner",
+            "_convert_": "all",
+            "conditioners": conditioners,
+        },
+        "first_stage": {
+            "_target_": "ldm.models.first_stage.codec_from_checkpoint",
+            "path": str(ae_path),
+            "scale_factor": scale_factor,
+        },
+        "loss": {
+            "_target_": "ldm.diffusion.loss.DiffusionLoss",
+            "schedule": {"_target_": "ldm.diffusion.schedules.NoiseSchedule"},
+        },
+        "optim": {"lr": 1e-4},
+        "ema_decay": ema_decay,
+    }
+
+
+TINY_AE = autoencoder_config(32, (1, 2))
 
 # (conditioners, unet overrides) for every stage-2 conditioning mode
 MODES: dict[str, tuple[dict, dict]] = {
@@ -97,10 +146,7 @@ MODES: dict[str, tuple[dict, dict]] = {
 
 def save_tiny_autoencoder(folder: Path) -> Path:
     torch.manual_seed(0)
-    ae = instantiate(TINY_AE)
-    return save_safetensors(
-        ae.state_dict(), folder / "model.safetensors", {"model": {"autoencoder": TINY_AE}}
-    )
+    return save_autoencoder(folder / "model.safetensors", TINY_AE)
 
 
 def ldm_config(ae_path: Path | str, mode: str, **overrides: Any) -> dict:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 from hydra.utils import instantiate
+from ldm_fixtures import autoencoder_config, save_autoencoder, stage2_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -310,22 +311,7 @@ def test_compvis_errors_name_the_fix(tiny_sd, tmp_path):
 
 # -- train.py files ------------------------------------------------------------------------------------------
 
-AUTOENCODER = {
-    "_target_": "ldm.models.autoencoder.AutoencoderKL",
-    "embed_dim": 4,
-    "ddconfig": {
-        "double_z": True,
-        "z_channels": 4,
-        "resolution": 32,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 32,
-        "ch_mult": [1, 1],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    },
-}
+AUTOENCODER = autoencoder_config(32, (1, 1))
 
 
 @pytest.fixture(scope="module")
@@ -333,43 +319,9 @@ def trained(tmp_path_factory):
     """A tiny class-conditional stage-2 module whose EMA differs from its raw weights, saved both ways."""
     root = tmp_path_factory.mktemp("trained")
     torch.manual_seed(0)
-    ae_path = save_safetensors(
-        instantiate(AUTOENCODER).state_dict(),
-        root / "ae" / "model.safetensors",
-        {"model": {"autoencoder": AUTOENCODER}},
-    )
-    cfg = {
-        "_target_": "ldm.training.diffusion_module.LatentDiffusionModule",
-        "unet": {
-            "_target_": "ldm.modules.unet.UNetModel",
-            "in_channels": 4,
-            "out_channels": 4,
-            "model_channels": 32,
-            "num_res_blocks": 1,
-            "attention_resolutions": [2],
-            "channel_mult": [1, 2],
-            "num_head_channels": 32,
-            "num_classes": 4,
-        },
-        "conditioner": {
-            "_target_": "ldm.conditioning.conditioner.Conditioner",
-            "_convert_": "all",
-            "conditioners": {
-                "label": {"_target_": "ldm.conditioning.ClassEmbedder", "n_classes": 3, "output": "class"}
-            },
-        },
-        "first_stage": {
-            "_target_": "ldm.models.first_stage.codec_from_checkpoint",
-            "path": str(ae_path),
-            "scale_factor": 0.7,
-        },
-        "loss": {
-            "_target_": "ldm.diffusion.loss.DiffusionLoss",
-            "schedule": {"_target_": "ldm.diffusion.schedules.NoiseSchedule"},
-        },
-        "optim": {"lr": 1e-4},
-        "ema_decay": 0.5,
-    }
+    ae_path = save_autoencoder(root / "ae" / "model.safetensors", AUTOENCODER)
+    label = {"_target_": "ldm.conditioning.ClassEmbedder", "n_classes": 3, "output": "class"}
+    cfg = stage2_config(ae_path, {"label": label}, scale_factor=0.7, ema_decay=0.5, num_classes=4)
     module = instantiate(copy.deepcopy(cfg))
     with torch.no_grad():
         for p in module.unet.parameters():

@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
+from ldm_fixtures import autoencoder_config, stage2_config
 from PIL import Image
 
 from ldm.errors import UserError
@@ -22,22 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from sample import sample  # noqa: E402
 
-AUTOENCODER = {
-    "_target_": "ldm.models.autoencoder.AutoencoderKL",
-    "embed_dim": 4,
-    "ddconfig": {
-        "double_z": True,
-        "z_channels": 4,
-        "resolution": 16,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 32,
-        "ch_mult": [1, 1],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    },
-}
+AUTOENCODER = autoencoder_config(16, (1, 1))
 # A text model with a small BERT trained from scratch (no pretrained encoder to load: fast to start).
 BERT = {
     "text": {
@@ -74,36 +60,15 @@ def root(tmp_path_factory) -> Path:
         },
     )
     for name, conditioners, unet in (("text", BERT, {"context_dim": 32}), ("uncond", {}, {})):
-        cfg = {
-            "_target_": "ldm.training.diffusion_module.LatentDiffusionModule",
-            "unet": {
-                "_target_": "ldm.modules.unet.UNetModel",
-                "in_channels": 4,
-                "out_channels": 4,
-                "model_channels": 32,
-                "num_res_blocks": 1,
-                "attention_resolutions": [],
-                "channel_mult": [1],
-                "num_head_channels": 32,
-                **unet,
-            },
-            "conditioner": {
-                "_target_": "ldm.conditioning.conditioner.Conditioner",
-                "_convert_": "all",
-                "conditioners": copy.deepcopy(conditioners),
-            },
-            "first_stage": {
-                "_target_": "ldm.models.first_stage.codec_from_checkpoint",
-                "path": str(ae_path),
-                "scale_factor": 1.0,
-            },
-            "loss": {
-                "_target_": "ldm.diffusion.loss.DiffusionLoss",
-                "schedule": {"_target_": "ldm.diffusion.schedules.NoiseSchedule"},
-            },
-            "optim": {"lr": 1e-4},
-            "ema_decay": 0.0,
-        }
+        cfg = stage2_config(
+            ae_path,
+            copy.deepcopy(conditioners),
+            scale_factor=1.0,
+            ema_decay=0.0,
+            attention_resolutions=[],
+            channel_mult=[1],
+            **unet,
+        )
         module = instantiate(copy.deepcopy(cfg))
         config = module.export_config({"model": cfg, "data": {"resolution": 16}})
         save_safetensors(module.export_state_dict(), root / name / "model.safetensors", config)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from ldm_fixtures import autoencoder_config, save_autoencoder, stage2_config
 from PIL import Image
 
 from ldm.errors import UserError
@@ -29,22 +30,7 @@ from sample import sample  # noqa: E402
 
 F_AE = 4  # the tiny autoencoder's downsampling factor
 SIZE = 32  # training resolution recorded in the tiny models' run config
-AUTOENCODER = {
-    "_target_": "ldm.models.autoencoder.AutoencoderKL",
-    "embed_dim": 4,
-    "ddconfig": {
-        "double_z": True,
-        "z_channels": 4,
-        "resolution": SIZE,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 32,
-        "ch_mult": [1, 1, 1],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    },
-}
+AUTOENCODER = autoencoder_config(SIZE, (1, 1, 1))
 TEXT = {"text": {"_target_": "ldm.conditioning.FrozenTextEncoder", "max_length": 16, "dropout": 0.1}}
 MODELS = {  # name -> (conditioners, UNet overrides): one per kind of conditioning
     "txt2img": (TEXT, {"context_dim": 384}),
@@ -83,51 +69,14 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def model_config(ae_path: Path, conditioners: dict, **unet) -> dict:
-    return {
-        "_target_": "ldm.training.diffusion_module.LatentDiffusionModule",
-        "unet": {
-            "_target_": "ldm.modules.unet.UNetModel",
-            "in_channels": 4,
-            "out_channels": 4,
-            "model_channels": 32,
-            "num_res_blocks": 1,
-            "attention_resolutions": [2],
-            "channel_mult": [1, 2],
-            "num_head_channels": 32,
-            **unet,
-        },
-        "conditioner": {
-            "_target_": "ldm.conditioning.conditioner.Conditioner",
-            "_convert_": "all",
-            "conditioners": conditioners,
-        },
-        "first_stage": {
-            "_target_": "ldm.models.first_stage.codec_from_checkpoint",
-            "path": str(ae_path),
-            "scale_factor": 0.8,
-        },
-        "loss": {
-            "_target_": "ldm.diffusion.loss.DiffusionLoss",
-            "schedule": {"_target_": "ldm.diffusion.schedules.NoiseSchedule"},
-        },
-        "optim": {"lr": 1e-4},
-        "ema_decay": 0.999,
-    }
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """Tiny exported models (random weights) and input images, built once for this file."""
     root = tmp_path_factory.mktemp("sample")
     torch.manual_seed(0)
-    ae_path = save_safetensors(
-        instantiate(AUTOENCODER).state_dict(),
-        root / "ae" / "model.safetensors",
-        {"model": {"autoencoder": AUTOENCODER}},
-    )
+    ae_path = save_autoencoder(root / "ae" / "model.safetensors", AUTOENCODER)
     for name, (conditioners, unet) in [*MODELS.items(), ("uncond_v_ztsnr", ({}, {}))]:
-        cfg = model_config(ae_path, copy.deepcopy(conditioners), **unet)
+        cfg = stage2_config(ae_path, copy.deepcopy(conditioners), **unet)
         if name == "uncond_v_ztsnr":  # the stage-2 default objective: v-prediction, zero-terminal SNR
             cfg["loss"].update(parameterization="v")
             cfg["loss"]["schedule"].update(zero_terminal_snr=True)
