@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import tiny_ae, tiny_data  # noqa: F401  (session fixtures for the train.py tests)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

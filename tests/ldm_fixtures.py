@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -180,3 +181,18 @@ def make_batch(mode: str, n: int = 4, size: int = 16, seed: int = 0) -> dict:
         "masked_image": image * (1 - mask),
         "lowres": torch.nn.functional.interpolate(image, scale_factor=0.25, mode="bilinear"),
     }
+
+
+def bare_trainer(max_steps: int, callbacks=(), **kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar, summary or sanity validation."""
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+        **kwargs,
+    )

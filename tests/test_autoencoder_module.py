@@ -1,8 +1,8 @@
 """AutoencoderModule: learning, step counting with two optimizers, exact resume, callback methods."""
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from ldm_fixtures import bare_trainer as trainer
 from pytorch_lightning.callbacks import Callback
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -68,20 +68,6 @@ def make_module(
     )
     kwargs = {"learning_rate": 1e-3, **module_kwargs}
     return AutoencoderModule(autoencoder, loss, **kwargs)
-
-
-def trainer(max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=list(callbacks),
-        **kwargs,
-    )
 
 
 @torch.no_grad()

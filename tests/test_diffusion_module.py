@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from ldm_fixtures import MODES, ldm_config, make_batch, save_tiny_autoencoder
+from ldm_fixtures import MODES, bare_trainer, ldm_config, make_batch, save_tiny_autoencoder
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +24,7 @@ class _Loop(torch.utils.data.IterableDataset):
 
 def _fit(module, batch, steps):
     loader = torch.utils.data.DataLoader(_Loop(batch), batch_size=None)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = bare_trainer(steps)
     trainer.fit(module, loader)
     return trainer
 

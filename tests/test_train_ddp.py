@@ -13,8 +13,6 @@ from train_helpers import (
     free_port,
     load_ckpt,
     subprocess_env,
-    tiny_ae,  # noqa: F401  (fixture)
-    tiny_data,  # noqa: F401  (fixture)
     tiny_overrides,
 )
 

@@ -17,8 +17,6 @@ from train_helpers import (
     compose_train,
     load_ckpt,
     start_train,
-    tiny_ae,  # noqa: F401  (fixture)
-    tiny_data,  # noqa: F401  (fixture)
     tiny_overrides,
 )
 

@@ -168,9 +168,7 @@ class FrozenTextEncoder(BaseConditioner):
         info = manifest.get("text_encoder") or {}
         if self.cached_key not in keys or not info:
             return
-        same_model = str(info.get("model")) == self.model_name or (
-            Path(str(info.get("model"))).resolve() == Path(self.model_name).resolve()
-        )
+        same_model = Path(str(info.get("model"))).resolve() == Path(self.model_name).resolve()
         if not same_model or int(info.get("max_length", -1)) != self.max_length:
             raise UserError(
                 f"The latent cache's '{self.cached_key}' came from text encoder {info.get('model')} "

@@ -130,10 +130,7 @@ class Uncond(Task):
         self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
     ) -> Job:
         self.check(model)
-        if "caption" in model.input_keys:  # a text model under its null (empty) prompt
-            if n < 1:
-                raise UserError(f"n={n}: ask for at least one image.")
-            return self.job(model, self.size(model, height, width), [{"caption": ""} for _ in range(n)])
+        # a text model gets the empty prompt (Uncond takes none): its null condition
         return self.job(model, self.size(model, height, width), self.per_image(model, n))
 
 
