@@ -1,5 +1,8 @@
 """Sample from a trained model: every conditioning task, from any supported checkpoint.
 
+A command line over `ldm.pipeline.Pipeline` (the Python API): compose the config, load, run one task, write
+PNGs + grid.png + run.json.
+
 python sample.py task=txt2img ckpt=outputs/txt2img/latest/model.safetensors prompt="a red circle" n=4
 python sample.py task=inpaint ckpt=... image=photo.png mask=mask.png prompt="a blue square"
 python sample.py ckpt=sd-v1-4.ckpt config=v1-inference.yaml text_encoder=clip-vit-large-patch14 prompt=...
@@ -7,69 +10,66 @@ python sample.py ckpt=sd-v1-4.ckpt config=v1-inference.yaml text_encoder=clip-vi
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("LDM_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig
 
+from ldm.cli import run as run_cli
+from ldm.config_checks import check_sample_config
 from ldm.errors import UserError
-from ldm.interop.load import instantiate_or_user_error, load_model
+from ldm.interop.load import instantiate_or_user_error
+from ldm.pipeline import Pipeline
 from ldm.samplers.sigmas import StepSchedule
-from ldm.sampling import Settings, prepare, resolve_device, run_job, write_outputs
+from ldm.sampling.runner import PRECISIONS
 from ldm.training.runtime import resolved_config, user_errors_exit
-
-RUN_KEYS = ("n", "seed", "steps", "spacing", "cfg_scale", "batch_size", "precision", "use_ema")
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Compose -> load -> build the task's job -> sample -> write files; returns the run record."""
-    start = time.perf_counter()
+    check_sample_config(cfg)  # sizes, types, impossible combinations, paths: one line before any work
     if not cfg.get("ckpt"):
         raise UserError(
-            "pass ckpt=<model.safetensors or .ckpt from train.py, or a CompVis checkpoint + config=>."
+            "pass ckpt=<model.safetensors or .ckpt from train.py, or an original checkpoint + config=<yaml>>."
         )
-    spacing = str(cfg.spacing)
-    settings = Settings(
-        sampler=instantiate_or_user_error(cfg.sampler, _convert_="all"),
-        # a bad value fails here, before the model loads; "auto" is settled once the model is known
-        steps=StepSchedule(steps=int(cfg.steps), spacing="leading" if spacing == "auto" else spacing),
-        cfg_scale=float(cfg.cfg_scale),
-        batch_size=int(cfg.batch_size),
-        seed=int(cfg.seed),
-        device=resolve_device(str(cfg.device)),
-        precision=str(cfg.precision),
-        progress=bool(cfg.progress),
-    )
+    sampler = instantiate_or_user_error(cfg.sampler, _convert_="all")
+    # bad values fail here, before the (possibly minutes-long) model load
+    if str(cfg.spacing) != "auto":
+        StepSchedule(steps=int(cfg.steps), spacing=str(cfg.spacing))
+    if str(cfg.precision) not in PRECISIONS:
+        raise UserError(f"precision={cfg.precision}: use one of {', '.join(PRECISIONS)}.")
     task = instantiate_or_user_error(cfg.task, _convert_="all")
     task.preflight()
-    loaded = load_model(
-        cfg.ckpt, config=cfg.get("config"), use_ema=bool(cfg.use_ema), text_encoder=cfg.get("text_encoder")
+    pipe = Pipeline.from_file(
+        cfg.ckpt,
+        config=cfg.get("config"),
+        text_encoder=cfg.get("text_encoder"),
+        device=str(cfg.device),
+        dtype=PRECISIONS[str(cfg.precision)] or torch.float32,
+        use_ema=bool(cfg.use_ema),
+        compile=bool(cfg.get("compile")),
     )
-    load_s = time.perf_counter() - start
-    if spacing == "auto":  # Lin et al. 2024: a zero-terminal-SNR model starts from its pure-noise step
-        spacing = (
-            "trailing" if getattr(loaded.module.loss.schedule, "zero_terminal_snr", False) else "leading"
-        )
-    settings = dataclasses.replace(settings, steps=StepSchedule(steps=int(cfg.steps), spacing=spacing))
-    job = task.build(loaded, n=int(cfg.n), height=cfg.get("height"), width=cfg.get("width"))
-    prepare(loaded, settings.device, compile_unet=bool(cfg.get("compile")))
-    result = run_job(loaded, job, settings)
-    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
-    run = {
-        **{k: cfg[k] for k in RUN_KEYS},
-        "spacing": spacing,
-        "device": str(settings.device),
-        "sampler": sampler,
-        "sampler_name": str(sampler.get("_target_", "")).rsplit(".", 1)[-1],
-    }
-    timings = {"load_s": load_s, "total_s": time.perf_counter() - start}
-    return write_outputs(cfg.out_dir, result, job, loaded, run, resolved_config(cfg), timings)
+    out = pipe.run(
+        task,
+        n=int(cfg.n),
+        seed=int(cfg.seed),
+        steps=int(cfg.steps),
+        sampler=sampler,
+        cfg_scale=float(cfg.cfg_scale),
+        spacing=str(cfg.spacing),
+        batch_size=int(cfg.batch_size),
+        height=cfg.get("height"),
+        width=cfg.get("width"),
+        out_dir=cfg.out_dir,
+        progress=bool(cfg.progress),
+        config=resolved_config(cfg),
+    )
+    return out.record
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
@@ -79,9 +79,10 @@ def main(cfg: DictConfig) -> None:
     t = record["timings"]
     print(
         f"wrote {len(record['images'])} image(s), {record['grid']} and run.json to {record['out_dir']} "
-        f"({t['sample_s']:.1f}s sampling, {t['total_s']:.1f}s in all)"
+        f"({t['sample_s']:.1f}s sampling, {t['total_s']:.1f}s in all); this model's tasks: "
+        f"{', '.join(record['checkpoint']['tasks'])}"
     )
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # overrides Hydra cannot parse: one line with the quoting that fixes them

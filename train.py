@@ -6,6 +6,7 @@ python train.py experiment=txt2img first_stage_ckpt=outputs/autoencoder_kl/lates
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -19,8 +20,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.cli import run as run_cli
+from ldm.config_checks import check_train_config
 from ldm.errors import UserError
-from ldm.training.runtime import mark_latest, resolve_ckpt_path, resolved_config, user_errors_exit
+from ldm.training.runtime import (
+    clear_rank_errors,
+    resolve_ckpt_path,
+    resolved_config,
+    run_folder_lock,
+    set_current_run_dir,
+    user_errors_exit,
+)
 
 # Frozen parts (first stage, text encoder, LPIPS) stay in eval mode on purpose; Lightning warns about it.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -29,17 +39,34 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Compose -> instantiate -> fit; returns the final logged metrics (tests call this directly)."""
+    check_train_config(cfg)  # sizes, types, impossible combinations, paths: one line before any work
     # Imported here, not at the top: config mistakes then fail in a second, before Lightning loads.
     import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_only
 
     pl.seed_everything(cfg.seed, workers=True)
     run_dir, runs_dir = Path(cfg.paths.output_dir), Path(cfg.paths.runs_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), runs_dir)  # before `latest` moves to this run
+    set_current_run_dir(run_dir)  # where a failing DDP rank leaves its error for rank zero
     is_rank_zero = rank_zero_only.rank == 0  # ranks > 0 must not write a run folder of their own
+    # Rank zero owns the folder for the whole run: a second run with the same hydra.run.dir stops here.
+    with run_folder_lock(run_dir) if is_rank_zero else contextlib.nullcontext():
+        return _fit(cfg, run_dir, runs_dir, is_rank_zero)
+
+
+def _fit(cfg: DictConfig, run_dir: Path, runs_dir: Path, is_rank_zero: bool) -> dict[str, float]:
+    """The run itself, inside the run folder's lock."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ProgressBar
+
+    from ldm.interop.checkpoint import atomic_path
+    from ldm.training.callbacks import RunLifecycle, StepProgressBar
+    from ldm.training.checkpoint_io import require_safe_checkpoint_io
+
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), runs_dir)  # before `latest` moves to this run
     if is_rank_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        clear_rank_errors(run_dir)
+        with atomic_path(run_dir / "config.yaml") as tmp:
+            OmegaConf.save(cfg, tmp, resolve=True)
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
@@ -47,10 +74,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for callback in callbacks:  # e.g. the export callback stores the config in checkpoints and exports
         if hasattr(callback, "set_run_config"):
             callback.set_run_config(resolved_config(cfg))
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    if is_rank_zero:  # only once everything was built: a run that fails at start-up keeps `latest` as it was
-        mark_latest(run_dir, runs_dir)
+    has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+    if cfg.trainer.get("enable_progress_bar", True) and not has_bar:
+        callbacks.append(StepProgressBar())  # `step N/max_steps` instead of Lightning's epoch bar
+    # Loggers attach and `latest` moves only once training began (RunLifecycle.on_train_start, first in
+    # the list): a start that fails (bad shards, a cache of another autoencoder) leaves neither behind.
+    make_loggers = (lambda: [instantiate(cfg.logger)]) if cfg.get("logger") else None
+    callbacks.insert(0, RunLifecycle(run_dir, runs_dir, make_loggers))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    require_safe_checkpoint_io(trainer)  # atomic writes, weights-only reads, whatever trainer.plugins says
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except pl.utilities.exceptions.SIGTERMException:
@@ -71,4 +103,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # overrides Hydra cannot parse: one line with the quoting that fixes them

@@ -6,3 +6,10 @@ class UserError(Exception):
 
     The entry points (`train.py`, `sample.py`, `python -m ldm...`) catch it and print only the message.
     """
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """The training loss became NaN/inf: a setting (learning rate, data) to change, not a bug to trace.
+
+    Also a `FloatingPointError`, so code that caught the old exception type still does.
+    """

@@ -25,3 +25,20 @@ def reference_dir() -> Path:
     if not (REFERENCE_DIR / "sd_v1_tiny.safetensors").is_file():
         pytest.skip(f"CompVis reference outputs not found at {REFERENCE_DIR} (see its README)")
     return REFERENCE_DIR
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_log_handlers():
+    """Drop logging handlers bound to streams an earlier test's capture closed (in-process Hydra runs
+    attach handlers to the sys.stderr of their time); writing to them prints '--- Logging error ---'."""
+    import logging
+
+    loggers = [
+        logging.getLogger(),
+        *(v for v in logging.Logger.manager.loggerDict.values() if hasattr(v, "handlers")),
+    ]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                logger.removeHandler(handler)
+    yield

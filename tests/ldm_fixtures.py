@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from PIL import Image
 
 from ldm.interop.checkpoint import save_safetensors
 
@@ -196,3 +199,71 @@ def bare_trainer(max_steps: int, callbacks=(), **kwargs: Any) -> pl.Trainer:
         callbacks=list(callbacks),
         **kwargs,
     )
+
+
+# -- tiny exported stage-2 models of every kind of conditioning (sample.py / Pipeline tests) -----------
+
+F_AE = 4  # the tiny autoencoder's downsampling factor
+SIZE = 32  # training resolution recorded in the tiny models' run config
+AUTOENCODER = autoencoder_config(SIZE, (1, 1, 1))
+TEXT = {"text": {"_target_": "ldm.conditioning.FrozenTextEncoder", "max_length": 16, "dropout": 0.1}}
+MODELS = {  # name -> (conditioners, UNet overrides): one per kind of conditioning
+    "txt2img": (TEXT, {"context_dim": 384}),
+    "inpaint": (
+        {"inpaint": {"_target_": "ldm.conditioning.InpaintingConditioner", "latent_channels": 4}},
+        {"in_channels": 9},
+    ),
+    "superres": (
+        {"lowres": {"_target_": "ldm.conditioning.SuperResConditioner", "upscale": 1.0}},
+        {"in_channels": 7},
+    ),
+    "semantic": (
+        {
+            "segmap": {
+                "_target_": "ldm.conditioning.SemanticMapConditioner",
+                "num_classes": 3,
+                "downsample_factor": F_AE,
+            }
+        },
+        {"in_channels": 7},
+    ),
+    "class": (
+        {"label": {"_target_": "ldm.conditioning.ClassEmbedder", "n_classes": 3, "output": "class"}},
+        {"num_classes": 4},
+    ),
+    "uncond": ({}, {}),
+}
+
+
+def build_sample_root(root: Path) -> Path:
+    """Tiny exported models (random weights, one per conditioning kind) and input images under `root`."""
+    torch.manual_seed(0)
+    ae_path = save_autoencoder(root / "ae" / "model.safetensors", AUTOENCODER)
+    for name, (conditioners, unet) in [*MODELS.items(), ("uncond_v_ztsnr", ({}, {}))]:
+        cfg = stage2_config(ae_path, copy.deepcopy(conditioners), **unet)
+        if name == "uncond_v_ztsnr":  # the stage-2 default objective: v-prediction, zero-terminal SNR
+            cfg["loss"].update(parameterization="v")
+            cfg["loss"]["schedule"].update(zero_terminal_snr=True)
+        module = instantiate(copy.deepcopy(cfg))
+        with torch.no_grad():  # zero-initialised output convs would make the UNet ignore t and the condition
+            for p in module.unet.parameters():
+                if not p.any():
+                    p.normal_(0, 0.05)
+        module.ema.update(module.model)  # EMA = the weights above (what the export ships)
+        config = module.export_config({"model": cfg, "data": {"resolution": SIZE}})
+        save_safetensors(module.export_state_dict(), root / name / "model.safetensors", config)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    image = np.stack([xx * 8, yy * 8, np.full_like(xx, 128)], -1).astype(np.uint8)  # a colour ramp
+    image[8:24, 8:24] = (220, 30, 30)  # a red square
+    Image.fromarray(image).save(root / "image.png")
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[4:16, 12:28] = 255  # white = regenerate
+    Image.fromarray(mask).save(root / "mask.png")
+    Image.fromarray(mask[::2, ::2]).save(root / "mask_small.png")
+    Image.fromarray(image[::4, ::4]).save(root / "lowres.png")  # 8x8 -> x4 = 32x32
+    segmap = np.zeros((SIZE, SIZE), np.uint8)
+    segmap[:, 16:] = 1
+    segmap[20:, :] = 2
+    Image.fromarray(segmap, mode="L").save(root / "segmap.png")
+    (root / "prompts.txt").write_text("a red circle\n\na blue square\n")
+    return root

@@ -109,7 +109,7 @@ def test_scale_factor_from_first_batch_and_ema_arithmetic(ae_path):
     name = "input_blocks.0.0.weight"
     shadow = getattr(module.ema, "unet" + name.replace(".", "")).clone()
     current = dict(module.unet.named_parameters())[name].detach()
-    module.ema.update(module)
+    module.ema.update(module.model)
     expected = 0.5 * shadow + 0.5 * current
     torch.testing.assert_close(getattr(module.ema, "unet" + name.replace(".", "")), expected)
     assert int(module.ema.num_updates) == 3

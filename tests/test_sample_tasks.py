@@ -1,6 +1,5 @@
 """sample.py tasks end to end on tiny random models: files, sizes, seeds, inpainting and outpainting maths."""
 
-import copy
 import json
 import logging
 import sys
@@ -12,11 +11,10 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from ldm_fixtures import autoencoder_config, save_autoencoder, stage2_config
+from ldm_fixtures import F_AE, SIZE, build_sample_root
 from PIL import Image
 
 from ldm.errors import UserError
-from ldm.interop.checkpoint import save_safetensors
 from ldm.interop.load import load_model
 from ldm.samplers.base import generators_from_seeds, randn
 from ldm.samplers.sigmas import StepSchedule, truncate_for_strength
@@ -27,37 +25,6 @@ from ldm.sampling.tasks import ClassCond, Img2Img, Inpaint, Outpaint, Txt2Img, U
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from sample import sample  # noqa: E402
-
-F_AE = 4  # the tiny autoencoder's downsampling factor
-SIZE = 32  # training resolution recorded in the tiny models' run config
-AUTOENCODER = autoencoder_config(SIZE, (1, 1, 1))
-TEXT = {"text": {"_target_": "ldm.conditioning.FrozenTextEncoder", "max_length": 16, "dropout": 0.1}}
-MODELS = {  # name -> (conditioners, UNet overrides): one per kind of conditioning
-    "txt2img": (TEXT, {"context_dim": 384}),
-    "inpaint": (
-        {"inpaint": {"_target_": "ldm.conditioning.InpaintingConditioner", "latent_channels": 4}},
-        {"in_channels": 9},
-    ),
-    "superres": (
-        {"lowres": {"_target_": "ldm.conditioning.SuperResConditioner", "upscale": 1.0}},
-        {"in_channels": 7},
-    ),
-    "semantic": (
-        {
-            "segmap": {
-                "_target_": "ldm.conditioning.SemanticMapConditioner",
-                "num_classes": 3,
-                "downsample_factor": F_AE,
-            }
-        },
-        {"in_channels": 7},
-    ),
-    "class": (
-        {"label": {"_target_": "ldm.conditioning.ClassEmbedder", "n_classes": 3, "output": "class"}},
-        {"num_classes": 4},
-    ),
-    "uncond": ({}, {}),
-}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,37 +39,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """Tiny exported models (random weights) and input images, built once for this file."""
-    root = tmp_path_factory.mktemp("sample")
-    torch.manual_seed(0)
-    ae_path = save_autoencoder(root / "ae" / "model.safetensors", AUTOENCODER)
-    for name, (conditioners, unet) in [*MODELS.items(), ("uncond_v_ztsnr", ({}, {}))]:
-        cfg = stage2_config(ae_path, copy.deepcopy(conditioners), **unet)
-        if name == "uncond_v_ztsnr":  # the stage-2 default objective: v-prediction, zero-terminal SNR
-            cfg["loss"].update(parameterization="v")
-            cfg["loss"]["schedule"].update(zero_terminal_snr=True)
-        module = instantiate(copy.deepcopy(cfg))
-        with torch.no_grad():  # zero-initialised output convs would make the UNet ignore t and the condition
-            for p in module.unet.parameters():
-                if not p.any():
-                    p.normal_(0, 0.05)
-        module.ema.update(module)  # EMA = the weights above (what the export ships)
-        config = module.export_config({"model": cfg, "data": {"resolution": SIZE}})
-        save_safetensors(module.export_state_dict(), root / name / "model.safetensors", config)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    image = np.stack([xx * 8, yy * 8, np.full_like(xx, 128)], -1).astype(np.uint8)  # a colour ramp
-    image[8:24, 8:24] = (220, 30, 30)  # a red square
-    Image.fromarray(image).save(root / "image.png")
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[4:16, 12:28] = 255  # white = regenerate
-    Image.fromarray(mask).save(root / "mask.png")
-    Image.fromarray(mask[::2, ::2]).save(root / "mask_small.png")
-    Image.fromarray(image[::4, ::4]).save(root / "lowres.png")  # 8x8 -> x4 = 32x32
-    segmap = np.zeros((SIZE, SIZE), np.uint8)
-    segmap[:, 16:] = 1
-    segmap[20:, :] = 2
-    Image.fromarray(segmap, mode="L").save(root / "segmap.png")
-    (root / "prompts.txt").write_text("a red circle\n\na blue square\n")
-    return root
+    return build_sample_root(tmp_path_factory.mktemp("sample"))
 
 
 def run_sample(root: Path, model: str, *overrides: str) -> dict:
@@ -206,9 +143,9 @@ def test_img2img_starts_from_the_image_noised_to_strength(root):
     with (
         torch.no_grad()
     ):  # eps = 0 everywhere: DDIM then keeps x where it started, so the output is the start
-        loaded.module.unet.out[-1].weight.zero_()
-        loaded.module.unet.out[-1].bias.zero_()
-    init = loaded.module.first_stage.encode_pixels(load_image(root / "image.png"), sample=False)
+        loaded.model.unet.out[-1].weight.zero_()
+        loaded.model.unet.out[-1].bias.zero_()
+    init = loaded.model.first_stage.encode_pixels(load_image(root / "image.png"), sample=False)
     noise = randn((2, 4, SIZE // F_AE, SIZE // F_AE), generators_from_seeds([0, 1]))
     for strength in (0.3, 0.6):
         job = Img2Img(image=str(root / "image.png"), strength=strength, prompt="a red circle").build(
@@ -217,7 +154,7 @@ def test_img2img_starts_from_the_image_noised_to_strength(root):
         assert job.size == (SIZE, SIZE) and job.strength == strength
         result = run_job(loaded, job, settings(steps=10))
         sigmas = truncate_for_strength(
-            StepSchedule(steps=10)(loaded.module.loss.schedule.alphas_cumprod), strength
+            StepSchedule(steps=10)(loaded.model.loss.schedule.alphas_cumprod), strength
         )
         assert len(sigmas) == int(strength * 10) + 1  # SDEdit: only the last strength x steps run
         torch.testing.assert_close(result.latents, init + sigmas[0] * noise, rtol=1e-5, atol=1e-5)
@@ -240,7 +177,7 @@ def settings(**kw) -> Settings:
 def reconstruction(loaded, path) -> torch.Tensor:
     """decode(encode(image)): what the autoencoder alone gives back."""
     with torch.no_grad():
-        codec = loaded.module.first_stage
+        codec = loaded.model.first_stage
         return codec.decode(codec.encode_pixels(load_image(path), sample=False)).clamp(-1, 1)
 
 
@@ -299,11 +236,11 @@ def test_inpaint_by_blending_keeps_the_unmasked_area(root):
     keep = F.max_pool2d(job.blend_mask, F_AE) == 0  # latent cells with no masked pixel
     # The kept latent cells are the image's latents exactly: the final step pastes them without noise.
     result = run_job(loaded, job, settings(steps=4))
-    init = loaded.module.first_stage.encode_pixels(job.init_image, sample=False)
+    init = loaded.model.first_stage.encode_pixels(job.init_image, sample=False)
     torch.testing.assert_close(result.latents * keep, init.expand(2, -1, -1, -1) * keep, rtol=0, atol=1e-6)
     assert ((result.latents - init) * ~keep).abs().mean() > 0.1  # ... and the masked ones were regenerated
     # In pixels, with a local first stage: unmasked pixels are decode(encode(image)), masked ones are new.
-    loaded.module.first_stage.autoencoder = BlockAutoencoder()
+    loaded.model.first_stage.autoencoder = BlockAutoencoder()
     result = run_job(loaded, job, settings(steps=4))
     recon = reconstruction(loaded, root / "image.png")
     kept = F.interpolate(keep.float(), scale_factor=F_AE).bool().expand_as(result.images)
@@ -322,7 +259,7 @@ def test_inpaint_with_inpainting_model_uses_the_concat_condition(root, caplog):
     mask = job.shared["mask"]
     assert mask.shape == (1, 1, SIZE, SIZE) and mask[0, 0, 4:16, 12:28].all() and mask.sum() == 12 * 16
     assert (job.shared["masked_image"] * mask).abs().max() == 0  # the model never sees the masked pixels
-    cond = loaded.module.conditioner.encode(job.inputs([0]), encode_fn=loaded.module.encode_fn)
+    cond = loaded.model.conditioner.encode(job.inputs([0]), encode_fn=loaded.model.encode_fn)
     assert cond["concat"].shape == (1, 5, SIZE // F_AE, SIZE // F_AE)  # mask + 4 latent channels -> 9 in
     record = run_sample(
         root, "inpaint", "task=inpaint", f"image={root / 'image.png'}", f"mask={root / 'mask.png'}", "n=1"
@@ -344,7 +281,7 @@ def test_outpaint_extends_the_canvas(root):
     assert params[0]["pad"] == [8, 0, 16, 4] and params[0]["inpaint_mode"] == "blend"
     # With a local first stage: the original sits at (top 0, left 8) as decode(encode(image)).
     loaded = load_model(root / "txt2img" / "model.safetensors")
-    loaded.module.first_stage.autoencoder = BlockAutoencoder()
+    loaded.model.first_stage.autoencoder = BlockAutoencoder()
     job = Outpaint(image=str(root / "image.png"), pad=[8, 0, 16, 4], prompt="a red circle").build(loaded, n=1)
     assert job.size == (SIZE + 4, SIZE + 24) and job.strength == 0.9
     images = run_job(loaded, job, settings(steps=4)).images

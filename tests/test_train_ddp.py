@@ -79,5 +79,5 @@ def test_ddp_ranks_share_weights_and_split_data(launcher, tiny_data, tiny_ae, tm
     ckpt = load_ckpt(run_dirs[0] / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == STEPS
     for k, v in ranks[0]["unet"].items():
-        assert torch.equal(ckpt["state_dict"]["unet." + k], v)
+        assert torch.equal(ckpt["state_dict"]["model.unet." + k], v)
     assert (run_dirs[0] / "model.safetensors").is_file()

@@ -202,7 +202,7 @@ def test_config_mistakes_raise_user_error():
         UNetModel(4, 4, 32, 1, [1], channel_mult=[1])
     with pytest.raises(UserError, match="multiple of 32"):
         UNetModel(4, 4, 48, 1, [1], channel_mult=[1], num_heads=4)
-    with pytest.raises(UserError, match="use_scale_shift_norm"):
-        UNetModel.from_compvis_config({**TINY, "use_spatial_transformer": True, "use_scale_shift_norm": True})
+    with pytest.raises(UserError, match="dims"):
+        UNetModel.from_compvis_config({**TINY, "use_spatial_transformer": True, "dims": 3})
     with pytest.raises(UserError, match="context_dim"):
         UNetModel.from_compvis_config({**TINY, "use_spatial_transformer": False})

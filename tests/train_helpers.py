@@ -188,7 +188,7 @@ class RankProbe(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         unet = {k: v.detach().cpu().clone() for k, v in pl_module.unet.state_dict().items()}
-        ema = pl_module.ema.averaged_state(pl_module) if getattr(pl_module, "ema", None) else {}
+        ema = pl_module.ema.averaged_state(pl_module.model) if getattr(pl_module, "ema", None) else {}
         torch.save(
             {
                 "rank": trainer.global_rank,

@@ -4,6 +4,7 @@ from ldm.conditioning.base import BaseConditioner, EncodeFn
 from ldm.conditioning.bert import BERTEmbedder, wordpiece_tokenizer
 from ldm.conditioning.class_embed import ClassEmbedder
 from ldm.conditioning.conditioner import Conditioner
+from ldm.conditioning.noise_augment import NoiseAugmentedLowRes, NoiseLevel
 from ldm.conditioning.spatial import InpaintingConditioner, SemanticMapConditioner, SuperResConditioner
 from ldm.conditioning.text import FrozenTextEncoder, default_text_encoder
 
@@ -15,6 +16,8 @@ __all__ = [
     "EncodeFn",
     "FrozenTextEncoder",
     "InpaintingConditioner",
+    "NoiseAugmentedLowRes",
+    "NoiseLevel",
     "SemanticMapConditioner",
     "SuperResConditioner",
     "default_text_encoder",

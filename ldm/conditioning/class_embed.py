@@ -26,6 +26,11 @@ class ClassEmbedder(BaseConditioner):
     Both modes reserve one extra id, `n_classes`, for the null class of classifier-free guidance.
     In `output="class"` mode the UNet embeds the ids itself (CompVis `num_classes`), so it must be
     built with num_classes = n_classes + 1; `Conditioner.num_classes` reports that number.
+
+    Cross-attention mode is the LDM paper's cin256 model (Rombach et al. 2022, Sec. 4.1): the context is
+    one token, `embedding.weight[id]` (the original's parameter name). Its first release
+    (models/ldm/cin256) had no null row (1000 rows: `null_class=False`, guidance impossible); cin256-v2
+    trained 1001 rows and its sampling notebook used id 1000 as the unconditional class, as here.
     """
 
     def __init__(
@@ -35,17 +40,24 @@ class ClassEmbedder(BaseConditioner):
         output: Literal["crossattn", "class"] = "crossattn",  # LDM cin256 used cross-attention
         input_key: str = "label",
         dropout: float = 0.0,
+        null_class: bool = True,  # False: no row for id n_classes (original cin256 v1): no guidance
     ) -> None:
         super().__init__(dropout)
         if output not in ("crossattn", "class"):
             raise UserError(f"ClassEmbedder: output={output!r}; use 'crossattn' or 'class'.")
         if output == "crossattn" and embed_dim is None:
             raise UserError("ClassEmbedder(output='crossattn') needs embed_dim (= the UNet's context_dim).")
+        if not null_class and (output != "crossattn" or dropout > 0):
+            raise UserError(
+                "ClassEmbedder(null_class=False) is for original checkpoints trained without a null class "
+                "(cross-attention, no condition dropout); keep null_class=true to train with dropout."
+            )
         self.output = output
         self.input_keys = (input_key,)
         self.n_classes = int(n_classes)
-        self.null_id = self.n_classes
-        self.embedding = nn.Embedding(self.n_classes + 1, embed_dim) if output == "crossattn" else None
+        self.null_id: int | None = self.n_classes if null_class else None
+        rows = self.n_classes + (1 if null_class else 0)
+        self.embedding = nn.Embedding(rows, embed_dim) if output == "crossattn" else None
 
     @property
     def out_dim(self) -> int | None:
@@ -55,10 +67,12 @@ class ClassEmbedder(BaseConditioner):
         """The batch's ids as int64 (B,), checked to lie in [0, n_classes] (n_classes = null)."""
         key = self.input_keys[0]
         labels = as_labels(get_input(batch, key, self), key)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.n_classes):
+        top = self.n_classes if self.null_id is not None else self.n_classes - 1
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > top):
+            null = f", {self.null_id} = null" if self.null_id is not None else ", no null class"
             raise UserError(
                 f"'{key}' holds ids from {int(labels.min())} to {int(labels.max())}, but ClassEmbedder has "
-                f"n_classes={self.n_classes} (valid ids 0..{self.n_classes - 1}, {self.null_id} = null); "
+                f"n_classes={self.n_classes} (valid ids 0..{self.n_classes - 1}{null}); "
                 "set n_classes to the number of classes in the data."
             )
         if self.embedding is not None:
@@ -88,6 +102,11 @@ class ClassEmbedder(BaseConditioner):
         encode_fn: EncodeFn | None = None,
         latent_size: tuple[int, int] | None = None,
     ) -> Tensor:
+        if self.null_id is None:
+            raise UserError(
+                f"this ClassEmbedder has no null class ({self.n_classes} embedding rows, one per class: the "
+                "original cin256 model), so classifier-free guidance is impossible; sample with cfg_scale=1."
+            )
         labels = as_labels(get_input(batch, self.input_keys[0], self), self.input_keys[0])
         device = self.embedding.weight.device if self.embedding is not None else labels.device
         return self.embed(torch.full((batch_size_of(labels),), self.null_id, dtype=torch.long, device=device))

@@ -60,7 +60,10 @@ def as_mask(value: Any, name: str) -> Tensor:
 class InpaintingConditioner(BaseConditioner):
     """[mask at latent size, encode_fn(masked image)] -> (B, 1 + latent_channels, h, w), as SD-inpainting.
 
-    The UNet sees cat([z_t, mask, z_masked]) (9 input channels for SD's 4 latent channels).
+    The UNet sees cat([z_t, mask, z_masked]) (9 input channels for SD's 4 latent channels). The LDM paper's
+    inpainting model (`models/ldm/inpainting_big`, its `scripts/inpaint.py`) differs in three ways, each an
+    option here: the order is [z_masked, mask] (`order="image_first"`), the mask is in {-1, 1}
+    (`mask_range="pm1"`), and masked pixels are black, -1, rather than 0 (`masked_fill=-1`).
     """
 
     output = "concat"
@@ -72,11 +75,21 @@ class InpaintingConditioner(BaseConditioner):
         image_key: str = "masked_image",
         mask_key: str = "mask",
         dropout: float = 0.0,  # SD-inpainting never drops the masked image
+        order: str = "mask_first",  # "mask_first": [mask, latents] (SD); "image_first": [latents, mask] (LDM)
+        mask_range: str = "01",  # the mask's values as the UNet sees them: "01" (SD) or "pm1" = 2m-1 (LDM)
+        masked_fill: float = 0.0,  # value of the masked pixels of the masked image (LDM: -1, black)
     ) -> None:
         super().__init__(dropout)
+        if order not in ("mask_first", "image_first"):
+            raise UserError(f"InpaintingConditioner: order={order!r}; use 'mask_first' or 'image_first'.")
+        if mask_range not in ("01", "pm1"):
+            raise UserError(f"InpaintingConditioner: mask_range={mask_range!r}; use '01' or 'pm1'.")
         self.input_keys = (image_key, mask_key)
         self.latent_channels = int(latent_channels)
         self.mask_mode = mask_mode
+        self.order = order
+        self.mask_range = mask_range
+        self.masked_fill = float(masked_fill)
 
     @property
     def out_dim(self) -> int:
@@ -118,17 +131,22 @@ class InpaintingConditioner(BaseConditioner):
         return masked_image, as_mask(get_input(batch, mask_key, self), mask_key)
 
     def _concat(self, masked_image: Tensor, mask: Tensor, encode_fn: EncodeFn | None) -> Tensor:
+        if self.masked_fill:  # masked pixels (0 in the task's masked image) -> masked_fill
+            mask_px = mask.to(masked_image)
+            masked_image = masked_image * (1 - mask_px) + self.masked_fill * mask_px
         latents = _encode(encode_fn, masked_image, self.latent_channels, self)  # (B, C, h, w)
-        mask = resize(mask.to(latents), latents.shape[-2:], self.mask_mode)  # (B, 1, h, w)
-        return torch.cat([mask, latents], dim=1)  # (B, 1 + C, h, w)
+        mask = mask.to(latents) if self.mask_range == "01" else 2 * mask.to(latents) - 1
+        mask = resize(mask, latents.shape[-2:], self.mask_mode)  # (B, 1, h, w)
+        parts = [mask, latents] if self.order == "mask_first" else [latents, mask]
+        return torch.cat(parts, dim=1)  # (B, 1 + C, h, w)
 
 
 class SuperResConditioner(BaseConditioner):
     """Low-res image resized to latent resolution -> (B, 3, h, w), as LDM-SR (or its latents, encode=True).
 
     LDM-SR (x4, f=4 autoencoder) concatenates the 64x64 low-res pixels to the 64x64 latent, so
-    `upscale` (latent size / low-res size) is 1 there. SD's x4 upscaler also adds noise
-    augmentation to the low-res image; that belongs in the data transforms, not here.
+    `upscale` (latent size / low-res size) is 1 there. SD's x4 upscaler also noises the low-res image
+    (`ldm.conditioning.noise_augment.NoiseAugmentedLowRes`, a subclass).
     """
 
     output = "concat"
@@ -165,7 +183,8 @@ class SuperResConditioner(BaseConditioner):
         latent_size: tuple[int, int] | None = None,
     ) -> Tensor:
         key = self.input_keys[0]
-        return self._resized(as_image_batch(get_input(batch, key, self), key), encode_fn, latent_size)
+        lowres = as_image_batch(get_input(batch, key, self), key)
+        return self.augment(self._resized(lowres, encode_fn, latent_size), batch)
 
     def null(
         self,
@@ -176,7 +195,11 @@ class SuperResConditioner(BaseConditioner):
     ) -> Tensor:
         key = self.input_keys[0]
         lowres = as_image_batch(get_input(batch, key, self), key)
-        return self._resized(torch.zeros_like(lowres), encode_fn, latent_size)
+        return self.augment(self._resized(torch.zeros_like(lowres), encode_fn, latent_size), batch)
+
+    def augment(self, x: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        """Hook for subclasses (SD x4's noise augmentation, `NoiseAugmentedLowRes`); identity here."""
+        return x
 
     def _resized(
         self, lowres: Tensor, encode_fn: EncodeFn | None, latent_size: Sequence[int] | None
@@ -185,6 +208,23 @@ class SuperResConditioner(BaseConditioner):
         if latent_size is None:
             latent_size = [round(s * self.upscale) for s in x.shape[-2:]]
         return resize(x, latent_size, self.mode)  # (B, C, h, w)
+
+
+def read_segmap(
+    batch: Mapping[str, Any], key: str, num_classes: int, owner: nn.Module, option: str
+) -> Tensor:
+    """`batch[key]` as int64 (B,H,W), checked to hold class ids in [0, num_classes) (`option` names it)."""
+    seg = get_input(batch, key, owner)
+    if not isinstance(seg, Tensor) or seg.is_floating_point() or seg.ndim not in (2, 3, 4):
+        raise UserError(f"'{key}' must be an integer tensor (H,W), (B,H,W) or (B,1,H,W).")
+    seg = seg[None] if seg.ndim == 2 else seg[:, 0] if seg.ndim == 4 else seg
+    if seg.numel() and (int(seg.min()) < 0 or int(seg.max()) >= num_classes):
+        raise UserError(
+            f"'{key}' holds class ids from {int(seg.min())} to {int(seg.max())}, but "
+            f"{type(owner).__name__} has {option}={num_classes}; set {option} to "
+            "(largest id + 1) or map ignore labels (e.g. 255) to 0 in the data transform."
+        )
+    return seg.long()
 
 
 def one_hot_area(segmap: Tensor, num_classes: int, size: Sequence[int]) -> Tensor:
@@ -240,18 +280,7 @@ class SemanticMapConditioner(BaseConditioner):
 
     def segmap(self, batch: Mapping[str, Any]) -> Tensor:
         """The batch's map as int64 (B,H,W), checked to hold ids in [0, num_classes)."""
-        key = self.input_keys[0]
-        seg = get_input(batch, key, self)
-        if not isinstance(seg, Tensor) or seg.is_floating_point() or seg.ndim not in (2, 3, 4):
-            raise UserError(f"'{key}' must be an integer tensor (H,W), (B,H,W) or (B,1,H,W).")
-        seg = seg[None] if seg.ndim == 2 else seg[:, 0] if seg.ndim == 4 else seg
-        if seg.numel() and (int(seg.min()) < 0 or int(seg.max()) >= self.num_classes):
-            raise UserError(
-                f"'{key}' holds class ids from {int(seg.min())} to {int(seg.max())}, but "
-                f"SemanticMapConditioner has num_classes={self.num_classes}; set num_classes to "
-                "(largest id + 1) or map ignore labels (e.g. 255) to 0 in the data transform."
-            )
-        return seg.long()
+        return read_segmap(batch, self.input_keys[0], self.num_classes, self, "num_classes")
 
     def latent_size(self, seg: Tensor, latent_size: Sequence[int] | None) -> tuple[int, int]:
         if latent_size is not None:
@@ -292,3 +321,91 @@ class SemanticMapConditioner(BaseConditioner):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, mode={self.mode!r}, " + super().extra_repr()
+
+
+class SpatialRescaler(BaseConditioner):
+    """One-hot class map, resized `n_stages` times by `multiplier`, [-> 1x1 conv] (LDM `SpatialRescaler`).
+
+    The LDM paper's semantic synthesis (Sec. 4.3.2, `models/ldm/semantic_synthesis256`) concatenates the
+    one-hot segmentation (182 COCO-stuff classes) shrunk twice by 1/2 (bilinear) to the f=4 latent, after a
+    learned bias-free 1x1 conv to 3 channels: (B,H,W) ids -> (B, out_channels, H*m^n, W*m^n). The
+    parameter names are the original's (`channel_mapper.weight`), so its `cond_stage_model.*` loads as is.
+    """
+
+    output = "concat"
+
+    def __init__(
+        self,
+        n_stages: int = 1,  # resizing steps
+        method: str = "bilinear",  # F.interpolate mode of each step
+        multiplier: float = 0.5,  # scale factor of each step
+        in_channels: int = 3,  # classes of the one-hot map (ids in [0, in_channels))
+        out_channels: int | None = None,  # learned 1x1 channel remap; None: keep the in_channels maps
+        bias: bool = False,
+        input_key: str = "segmap",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(dropout)
+        methods = ("nearest", "bilinear", "bicubic", "area")
+        if method not in methods or int(n_stages) < 0:
+            raise UserError(
+                f"SpatialRescaler: method={method!r}, n_stages={n_stages}; use one of {methods} and "
+                "n_stages >= 0."
+            )
+        self.input_keys = (input_key,)
+        self.n_stages = int(n_stages)
+        self.method = method
+        self.multiplier = float(multiplier)
+        self.in_channels = int(in_channels)
+        self.channel_mapper = (
+            nn.Conv2d(self.in_channels, int(out_channels), 1, bias=bias) if out_channels else None
+        )
+
+    @property
+    def out_dim(self) -> int:
+        return self.channel_mapper.out_channels if self.channel_mapper is not None else self.in_channels
+
+    def prepare(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        key = self.input_keys[0]
+        return {key: read_segmap(inputs, key, self.in_channels, self, "in_channels")}
+
+    def forward(
+        self,
+        batch: Mapping[str, Any],
+        *,
+        encode_fn: EncodeFn | None = None,
+        latent_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        seg = read_segmap(batch, self.input_keys[0], self.in_channels, self, "in_channels")
+        one_hot = F.one_hot(seg, self.in_channels).permute(0, 3, 1, 2)  # (B, K, H, W)
+        return self._rescale(one_hot, latent_size)
+
+    def null(
+        self,
+        batch: Mapping[str, Any],
+        *,
+        encode_fn: EncodeFn | None = None,
+        latent_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        seg = read_segmap(batch, self.input_keys[0], self.in_channels, self, "in_channels")
+        empty = torch.zeros(seg.shape[0], self.in_channels, *seg.shape[-2:], device=seg.device)
+        return self._rescale(empty, latent_size)  # no class anywhere (a bias, if any, stays)
+
+    def _rescale(self, maps: Tensor, latent_size: Sequence[int] | None) -> Tensor:
+        dtype = self.channel_mapper.weight.dtype if self.channel_mapper is not None else torch.float32
+        x = maps.to(dtype)
+        for _ in range(self.n_stages):
+            x = F.interpolate(x, scale_factor=self.multiplier, mode=self.method)  # (B, K, H*m, W*m)
+        if latent_size is not None and tuple(x.shape[-2:]) != tuple(int(s) for s in latent_size):
+            raise UserError(
+                f"SpatialRescaler turns the {tuple(maps.shape[-2:])} segmap into {tuple(x.shape[-2:])} maps "
+                f"but the latent is {tuple(latent_size)}: pass a segmap of the output image's size "
+                f"(n_stages={self.n_stages} x multiplier={self.multiplier} must match the autoencoder's f)."
+            )
+        return x if self.channel_mapper is None else self.channel_mapper(x)  # (B, out_channels, h, w)
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_stages={self.n_stages}, method={self.method!r}, multiplier={self.multiplier}, "
+            + super().extra_repr()
+        )

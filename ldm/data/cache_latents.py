@@ -31,7 +31,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.data.pipeline import IMAGE_MEMBERS, PipelineOptions, decode_sample
-from ldm.data.shards import expand_shards, split_by_worker
+from ldm.data.shards import expand_shards, split_by_worker, tarfile_to_samples
+from ldm.data.text import decode_text
 from ldm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,7 @@ class _Source(torch.utils.data.IterableDataset):
         urls = self.urls if info is None else list(split_by_worker(self.urls, info.id, info.num_workers))
         if not urls:
             return
-        for raw in wds.DataPipeline(
-            wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=self._on_error)
-        ):
+        for raw in wds.DataPipeline(wds.SimpleShardList(urls), tarfile_to_samples(handler=self._on_error)):
             try:
                 sample = decode_sample(raw, self.opts, train=False, rng=None)
             except Exception as e:  # noqa: BLE001 - a bad sample is reported and skipped
@@ -109,7 +108,7 @@ class _Source(torch.utils.data.IterableDataset):
                 )
                 yield {"__skipped__": f"{raw.get('__url__')}:{raw.get('__key__')}"}
                 continue
-            out = {"__key__": raw["__key__"], "image": sample["image"]}
+            out = {"__key__": raw["__key__"], "__url__": raw.get("__url__"), "image": sample["image"]}
             out["members"] = {k: raw[k] for k in self.carry if k in raw and k not in IMAGE_MEMBERS}
             if "segmap" in sample:
                 out["members"][self.opts.segmap_key] = _png(sample["segmap"])
@@ -200,7 +199,7 @@ def cache_latents(
     out.mkdir(parents=True, exist_ok=True)
     manifest = _start_manifest(out, identity, prefix)
     opts = PipelineOptions(resolution=resolution, crop="center", flip=False, keys=("image", "segmap"))
-    probe = next(iter(wds.DataPipeline(wds.SimpleShardList(urls[:1]), wds.tarfile_to_samples())), {})
+    probe = next(iter(wds.DataPipeline(wds.SimpleShardList(urls[:1]), tarfile_to_samples())), {})
     if opts.segmap_key not in probe:
         opts = PipelineOptions(resolution=resolution, crop="center", flip=False, keys=("image",))
     carry = ("txt", "cls", "json", opts.segmap_key)
@@ -231,7 +230,14 @@ def cache_latents(
             stats.add(z)
         emb = None
         if text is not None:
-            captions = [(s["members"].get("txt") or b"").decode("utf-8") for s in pending]
+            captions = [
+                decode_text(
+                    s["members"].get("txt") or b"",
+                    f"caption of sample {s['__key__']!r} of shard {s['__url__']}",
+                    warn_once=str(s["__url__"]),
+                )
+                for s in pending
+            ]
             emb = text.encode_prompts(captions)
         shape[:] = list(next(iter(tensors.values())).shape[1:])
         for i, s in enumerate(pending):

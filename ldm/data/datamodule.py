@@ -7,13 +7,14 @@ import multiprocessing as mp
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import fields
+from numbers import Integral
 
 import pytorch_lightning as pl
 import webdataset as wds
 
 from ldm.data.loader import ResumableLoader, default_pin_memory
 from ldm.data.pipeline import MissingFieldError, PipelineOptions, ShardStream, decode_sample, image_to_float
-from ldm.data.shards import check_split, expand_shards, is_local, shard_counts, world_info
+from ldm.data.shards import check_split, expand_shards, is_local, shard_counts, tarfile_to_samples, world_info
 from ldm.data.transforms import Compose
 from ldm.errors import UserError
 
@@ -50,7 +51,7 @@ def check_shards(urls: Sequence[str], opts: PipelineOptions, name: str, max_shar
     local = [u for u in urls if is_local(u)][:max_shards]
     for url in local:
         errors: list[BaseException] = []
-        stream = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=errors.append))
+        stream = wds.DataPipeline(wds.SimpleShardList([url]), tarfile_to_samples(handler=errors.append))
         raw = next(iter(stream), None)
         if raw is None:
             continue
@@ -67,6 +68,15 @@ def check_shards(urls: Sequence[str], opts: PipelineOptions, name: str, max_shar
         )
     if local:
         warnings.warn(f"data.{name}: the first {len(local)} shards hold no readable sample", stacklevel=2)
+
+
+def _whole(name: str, value, minimum: int | None = None) -> int:
+    """An integer option of the data config (a bool, a string or 2.5 is a mistake, not a number)."""
+    whole = isinstance(value, Integral) and not isinstance(value, bool)
+    if not whole or (minimum is not None and value < minimum):
+        bound = "a whole number" + ("" if minimum is None else f" >= {minimum}")
+        raise UserError(f"data.{name}={value}: must be {bound}.")
+    return int(value)
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -102,10 +112,13 @@ class ShardDataModule(pl.LightningDataModule):
             options["keys"] = list(options["keys"])
         self.options = PipelineOptions(**options)
         self.train_spec, self.val_spec = train_shards, val_shards
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.val_batch_size = int(val_batch_size or batch_size)
-        self.seed, self.resampled, self.timeout = int(seed), bool(resampled), float(timeout)
-        self.epoch_length = int(epoch_length) if epoch_length else None
+        self.batch_size = _whole("batch_size", batch_size, 1)
+        self.num_workers = _whole("num_workers", num_workers, 0)
+        self.val_batch_size = _whole("val_batch_size", val_batch_size or batch_size, 1)
+        self.seed, self.resampled, self.timeout = _whole("seed", seed), bool(resampled), float(timeout)
+        self.epoch_length = _whole("epoch_length", epoch_length, 1) if epoch_length else None
+        if self.timeout <= 0:
+            raise UserError(f"data.timeout={timeout}: must be > 0 seconds per batch; e.g. data.timeout=300.")
         if self.resampled and not self.epoch_length:
             raise UserError(
                 "data.resampled=true never runs out of data: set data.epoch_length (samples per rank)"

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from ldm.data.images import decode_image
 from ldm.data.transforms import sample_rng, to_pil, to_tensor
 from ldm.errors import UserError
 
@@ -80,7 +80,7 @@ class SuperResolution:
             to_pil(x).save(
                 buf, format="JPEG", quality=int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1))
             )
-            x = to_tensor(Image.open(buf).convert("RGB"))
+            x = to_tensor(decode_image(buf.getvalue(), "the JPEG degradation", min_side=1))
         return x
 
     def __call__(self, sample: dict) -> dict:

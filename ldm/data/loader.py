@@ -125,10 +125,12 @@ class ResumableLoader:
 
     def _batches(self) -> Iterator[dict]:
         produced, skipped_before = 0, self._skipped()
+        bad_shards: list[str] = []  # truncated or corrupt, reported by the workers with their batches
         for batch in _plain_user_errors(self.loader):
             self.history.append(
                 (batch.pop("__worker__"), batch.pop("__consumed__"), batch.pop("__emitted__"))
             )
+            bad_shards += [u for u in batch.pop("__bad_shards__", []) if u not in bad_shards]
             produced += 1
             if self._discard:
                 self._discard -= 1
@@ -137,11 +139,12 @@ class ResumableLoader:
         skipped = self._skipped() - skipped_before
         if skipped:  # the workers warned one by one; this is the per-epoch total in the main process
             log.warning(
-                "data.%s: skipped %d bad sample(s) or shard read error(s) in epoch %s (%d so far)",
+                "data.%s: skipped %d bad sample(s) or shard read error(s) in epoch %s (%d so far)%s",
                 self.name,
                 skipped,
                 self.epoch,
                 self._skipped(),
+                f"; truncated or corrupt shard(s): {', '.join(bad_shards)}" if bad_shards else "",
             )
         if produced == 0 and self._base_batches == 0 and not self.stream.train:
             log.warning("data.%s: rank %d has no validation data", self.name, self.stream.rank)

@@ -6,7 +6,14 @@
 SRC is a folder of images with optional sidecars (`cat.jpg` + `cat.txt` caption, `cat.cls` integer
 label), searched recursively, or a CSV/JSONL listing with `path,caption[,label]` (paths relative to
 the listing). Writes `OUT/shards-%06d.tar` (or `train-`/`val-` with --val-fraction) and
-`OUT/manifest.json`. Unreadable or too-small images are skipped and reported, never fatal.
+`OUT/manifest.json`. Unreadable or too-small images (below --min-size, and always below
+`ldm.data.images.MIN_IMAGE_SIDE` = 8 px) are skipped and reported, never fatal.
+
+Images are read by `ldm.data.images` like training reads them: upright (EXIF orientation applied
+before --resize, so written shards are upright and carry no orientation tag), transparency composited
+onto white when re-encoded. Bytes kept as they are (no --resize/--format) keep their EXIF tag and
+alpha, which the training decoder applies the same way. Captions, labels and listings are read by
+`ldm.data.text` (UTF-8, else cp1252 with a warning) and written as UTF-8.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.data.images import MIN_IMAGE_SIDE, ImageDecodeError, open_image, to_rgb
+from ldm.data.text import read_text_file
 from ldm.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -47,8 +56,8 @@ def list_folder(root: Path) -> list[Item]:
     items = []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         txt, cls = path.with_suffix(".txt"), path.with_suffix(".cls")
-        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else None
-        label = cls.read_text().strip() if cls.is_file() else None
+        caption = read_text_file(txt).strip() if txt.is_file() else None
+        label = read_text_file(cls).strip() if cls.is_file() else None
         items.append(Item(str(path), caption, label))
     return items
 
@@ -57,11 +66,11 @@ def list_table(listing: Path) -> list[Item]:
     """Rows of a CSV (header with `path`, optional `caption`, `label`) or JSONL file."""
     base = listing.parent
     rows: list[dict] = []
+    text = read_text_file(listing)
     if listing.suffix.lower() in (".jsonl", ".json"):
-        with listing.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     else:
-        with listing.open(newline="", encoding="utf-8") as f:
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "path" not in reader.fieldnames:
                 raise UserError(
@@ -84,7 +93,7 @@ class EncodeOptions:
     resize: int | None = None  # shortest side in pixels (never upscales); None = keep
     format: str | None = None  # jpg | png | webp; None = keep JPEG/PNG/WebP bytes as they are
     quality: int = 95
-    min_size: int = 0  # shortest side below this: skipped
+    min_size: int = 0  # shortest side below this (and always below MIN_IMAGE_SIDE): skipped
 
 
 def encode(item: Item, opts: EncodeOptions) -> tuple[str, bytes] | str:
@@ -92,22 +101,19 @@ def encode(item: Item, opts: EncodeOptions) -> tuple[str, bytes] | str:
     try:
         with open(item.path, "rb") as f:
             data = f.read()
-        img = Image.open(io.BytesIO(data))
-        img.load()  # a truncated file fails here, not later in training
-    except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, whatever the cause
+        opened = open_image(data, item.path, min_side=1)  # upright; a truncated file fails here
+    except OSError as e:
         return f"unreadable ({type(e).__name__}: {e})"
-    if min(img.size) < opts.min_size:
-        return f"too small ({img.size[0]}x{img.size[1]} < {opts.min_size})"
-    shrink = opts.resize is not None and min(img.size) > opts.resize
-    if not shrink and opts.format is None and img.format in KEEP_AS_IS:
-        return KEEP_AS_IS[img.format], data
-    ext = opts.format or KEEP_AS_IS.get(img.format or "", "png")
-    if img.mode not in ("RGB", "L"):
-        img = (
-            img.convert("RGBA").convert("RGB")
-            if ext == "jpg"
-            else img.convert("RGBA" if "A" in img.mode else "RGB")
-        )
+    except ImageDecodeError as e:  # any unreadable file is skipped, whatever the cause
+        return f"unreadable ({e.reason})"
+    min_size = max(opts.min_size, MIN_IMAGE_SIDE)
+    if min(opened.size) < min_size:
+        return f"too small ({opened.size[0]}x{opened.size[1]} < {min_size})"
+    shrink = opts.resize is not None and min(opened.size) > opts.resize
+    if not shrink and opts.format is None and opened.format in KEEP_AS_IS:
+        return KEEP_AS_IS[opened.format], data
+    ext = opts.format or KEEP_AS_IS.get(opened.format or "", "png")
+    img = to_rgb(opened.image)  # as training reads it: upright, transparency on white
     if shrink:
         scale = opts.resize / min(img.size)
         img = img.resize(

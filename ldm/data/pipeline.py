@@ -22,8 +22,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from ldm.data.shards import mix_seed, split_by_rank, split_by_worker
-from ldm.data.transforms import RNG_KEY, choose_crop, crop_resize, open_image, to_tensor
+from ldm.data.images import ImageDecodeError, decode_segmap, open_image, to_rgb
+from ldm.data.shards import ShardReadError, mix_seed, split_by_rank, split_by_worker, tarfile_to_samples
+from ldm.data.text import decode_text
+from ldm.data.transforms import RNG_KEY, choose_crop, crop_resize, to_tensor
 from ldm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,8 @@ def read_field(raw: dict, spec: str, name: str):
             )
         meta = raw.get("__json__")
         if meta is None:
-            meta = raw["__json__"] = json.loads(raw["json"])
+            text = decode_text(raw["json"], f"json of {_where(raw)}", warn_once=str(raw.get("__url__")))
+            meta = raw["__json__"] = json.loads(text)
         value = meta
         for part in spec.split(".")[1:]:
             if not isinstance(value, dict) or part not in value:
@@ -142,7 +145,11 @@ def decode_sample(
         if member is None or member not in raw:
             want = opts.image_key or "/".join(IMAGE_MEMBERS)
             raise MissingFieldError(f"{_where(raw)} has no image member {want!r} (members: {_members(raw)})")
-        img, source_size = open_image(raw[member], "RGB", target=opts.resolution)
+        try:  # upright (EXIF), transparency on white, >= MIN_IMAGE_SIDE px: see ldm.data.images
+            opened = open_image(raw[member], f"{member} of {_where(raw)}", draft=opts.resolution)
+        except ImageDecodeError as e:
+            raise SampleError(str(e)) from None
+        img, source_size = to_rgb(opened.image), opened.size
         box = choose_crop(*source_size, opts.crop if train else "center", opts.flip and train, rng)
         scale = img.size[0] / source_size[0]
         img = crop_resize(img, box, opts.resolution, Image.Resampling.BICUBIC, scale)
@@ -151,7 +158,9 @@ def decode_sample(
         out["segmap"] = _decode_segmap(raw, opts, box, source_size, train, rng)
     if "caption" in opts.keys:
         value = read_field(raw, opts.caption_key, "caption")
-        out["caption"] = value.decode("utf-8").strip() if isinstance(value, bytes) else str(value)
+        if isinstance(value, bytes):  # UTF-8, else cp1252 with one warning per shard (ldm.data.text)
+            value = decode_text(value, f"caption of {_where(raw)}", warn_once=str(raw.get("__url__")))
+        out["caption"] = str(value).strip()
     if "label" in opts.keys:
         out["label"] = int(read_field(raw, opts.label_key, "label"))
     if "key" in opts.keys:  # the sample's __key__, for debugging and exact-order tests
@@ -165,15 +174,22 @@ def decode_sample(
 
 
 def _decode_segmap(raw: dict, opts: PipelineOptions, box, source_size, train: bool, rng) -> torch.Tensor:
-    seg = Image.open(io.BytesIO(read_field(raw, opts.segmap_key, "segmap")))
-    seg.load()
-    if seg.mode not in ("L", "P", "I", "I;16"):
-        raise SampleError(f"{_where(raw)}: segmap is {seg.mode}, expected a single-channel map of class ids")
+    try:  # class ids as stored (palette indices, grey values), upright: see ldm.data.images
+        ids = decode_segmap(read_field(raw, opts.segmap_key, "segmap"), f"segmap of {_where(raw)}")
+    except ImageDecodeError as e:
+        raise SampleError(str(e)) from None
+    seg = Image.fromarray(ids.astype(np.int32), "I")
     if box is None and not opts.latents:  # no image loaded: crop the map on its own
         source_size = seg.size
         box = choose_crop(*seg.size, opts.crop if train else "center", opts.flip and train, rng)
     if box is not None:  # same crop and flip as the image, nearest-neighbour so ids stay ids
-        seg = crop_resize(seg, box, opts.resolution, Image.Resampling.NEAREST, seg.size[0] / source_size[0])
+        (w, h), (iw, ih) = seg.size, source_size
+        if abs(h * iw - w * ih) > max(iw, ih):  # not the image's shape at another scale
+            raise SampleError(
+                f"{_where(raw)}: segmap is {w}x{h} but the image is {iw}x{ih} (upright, after its EXIF "
+                "orientation); save the map with the image's shape"
+            )
+        seg = crop_resize(seg, box, opts.resolution, Image.Resampling.NEAREST, w / iw)
     arr = np.asarray(seg).astype(np.int64)
     if opts.num_classes is not None and arr.max(initial=0) >= opts.num_classes:
         raise SampleError(
@@ -289,6 +305,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rotation = 0  # physical worker p plays logical worker (p + rotation) % num_workers
         self.resume: dict[int, tuple[int, int]] = {}  # logical worker -> (raw consumed, emitted)
         self._errors_in_a_row = 0
+        self._bad_shards: list[str] = []  # truncated/corrupt shards not yet reported in a batch
 
     # --- where this worker's samples come from -------------------------------------------------
     def _worker(self) -> tuple[int, int]:
@@ -333,7 +350,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             shards = _guard_empty(shards, progress)
         else:
             shards = lambda: self._shard_passes(worker, num_workers, progress)  # noqa: E731  (a source stage)
-        stages = [shards, wds.tarfile_to_samples(handler=self._on_error), count]
+        stages = [shards, tarfile_to_samples(handler=self._on_error), count]
         if self.train and self.opts.shuffle_buffer > 1:
             rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, worker, "samples"))
             stages.append(
@@ -351,7 +368,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             with self.skipped.get_lock():
                 self.skipped.value += 1
         where = f" ({_where(raw)})" if raw is not None and not isinstance(exn, SampleError) else ""
-        log.warning("skipping bad sample%s: %s: %s", where, type(exn).__name__, exn)
+        if isinstance(exn, ShardReadError):  # also named in the loader's per-epoch summary
+            self._bad_shards.append(exn.url)
+            log.warning("%s", exn)
+        else:
+            log.warning("skipping bad sample%s: %s: %s", where, type(exn).__name__, exn)
         if self._errors_in_a_row >= MAX_CONSECUTIVE_ERRORS:
             raise UserError(
                 f"{self._errors_in_a_row} samples in a row could not be used; the last: {exn}{where}. "
@@ -398,4 +419,6 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _finish(self, samples: list[dict], worker: int, consumed: int, emitted: int) -> dict:
         batch = collate(samples, uint8_images=self.opts.uint8_transfer)
         batch.update(__worker__=worker, __consumed__=consumed, __emitted__=emitted)
+        if self._bad_shards:  # handed to the main process with the next batch of this worker
+            batch["__bad_shards__"], self._bad_shards = self._bad_shards, []
         return batch

@@ -6,11 +6,15 @@ import glob
 import hashlib
 import json
 import os
+import tarfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import braceexpand
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext, url_opener
 
 from ldm.errors import UserError
 
@@ -132,3 +136,73 @@ def mix_seed(*parts: int | str) -> int:
         h.update(str(p).encode())
         h.update(b"\x00")
     return int.from_bytes(h.digest(), "little") >> 1
+
+
+# --- reading shards -------------------------------------------------------------------------------------
+class ShardReadError(Exception):
+    """A shard that is truncated or corrupt: the sample being read and the rest of the shard are lost."""
+
+    def __init__(self, message: str, url: str) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+def _tar_members(url: str, fileobj) -> Iterator[tuple[str, str, bytes | None]]:
+    """(key, suffix, data) per regular member; data None announces a member about to be read.
+
+    Raises tarfile.ReadError when the archive stops without its end-of-archive block (a cut inside
+    a header: `tarfile` itself ends such a stream silently).
+    """
+    stream = tarfile.open(fileobj=fileobj, mode="r|*")
+    for info in stream:
+        if not info.isreg() or (info.name.startswith("__") and info.name.endswith("__")):
+            continue
+        key, suffix = base_plus_ext(info.name)
+        if key is None:
+            continue
+        yield key, suffix.lower(), None
+        yield key, suffix.lower(), stream.extractfile(info).read()
+        stream.members = []  # stream mode: keep no TarInfo list
+    if stream.fileobj.tell() - stream.offset != tarfile.BLOCKSIZE:  # the end block was not read whole
+        raise tarfile.ReadError("the archive ends early, without its end-of-archive block")
+
+
+def tar_samples(
+    src: Iterable[dict], handler: Callable[[BaseException], bool] = wds.reraise_exception
+) -> Iterator[dict]:
+    """Shard URLs -> raw samples {"__key__", "__url__", suffix: bytes}, as `wds.tarfile_to_samples`,
+    but a truncated or corrupt shard is reported to `handler` as one `ShardReadError` naming the shard
+    and the sample where it breaks; that incomplete sample is dropped, not passed on missing members."""
+    for source in url_opener(src, handler=handler):
+        url, current = source["url"], None
+        try:
+            for key, suffix, data in _tar_members(url, source["stream"]):
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key, "__url__": url}
+                if data is None:
+                    continue
+                if suffix in current:
+                    handler(ValueError(f"shard {url}: sample {key!r} holds two {suffix!r} members"))
+                    continue
+                current[suffix] = data
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            where = f"at sample {current['__key__']!r}" if current else "before its first sample"
+            error = ShardReadError(
+                f"shard {url} is truncated or corrupt {where} ({type(e).__name__}: {e}); "
+                "skipped the rest of this shard",
+                url,
+            )
+            if not handler(error):
+                return
+            continue
+        finally:
+            close = getattr(source["stream"], "close", None)
+            if close is not None:
+                close()
+        if current is not None:
+            yield current
+
+
+tarfile_to_samples = wds.pipelinefilter(tar_samples)

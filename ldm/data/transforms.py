@@ -1,4 +1,4 @@
-"""Per-sample image ops (decode, resize, crop, flip) and the small task transforms shared by all tasks.
+"""Per-sample image ops (resize, crop, flip; decoding: ldm.data.images) and the shared task transforms.
 
 Task transforms are callables `transform(sample: dict) -> dict`, instantiated by Hydra from
 `conf/data/task/*.yaml`. They run in the loader workers after the crop, on one sample whose
@@ -9,7 +9,6 @@ random numbers from `sample_rng(sample)`, a generator the pipeline seeds from
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,23 +48,6 @@ def choose_crop(width: int, height: int, crop: str, flip: bool, rng: np.random.G
         raise ValueError(f"crop={crop!r}: use 'center' or 'random'")
     mirrored = bool(flip and rng is not None and rng.random() < 0.5)
     return CropBox(float(left), float(top), float(side), mirrored)
-
-
-def open_image(data: bytes, mode: str, target: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode image bytes -> (image, size before any draft); big JPEGs decode at a reduced DCT scale."""
-    img = Image.open(io.BytesIO(data))
-    size = img.size
-    if target is not None and img.format == "JPEG":
-        img.draft(mode, (target, target))  # libjpeg scales by 1/2..1/8 while decoding: far cheaper
-    img.load()
-    if img.mode != mode:
-        transparent = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-        if mode == "RGB" and transparent:  # composite on white rather than keep whatever hides under alpha
-            img = Image.alpha_composite(
-                Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA")
-            )
-        img = img.convert(mode)
-    return img, size
 
 
 def crop_resize(

@@ -32,8 +32,10 @@ from ldm.conditioning import Conditioner, FrozenTextEncoder, InpaintingCondition
 from ldm.diffusion.loss import DiffusionLoss
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.errors import UserError
-from ldm.models.autoencoder import AutoencoderKL
+from ldm.interop import registry
+from ldm.interop.registry import BuildContext, class_name, load_families
 from ldm.models.first_stage import LatentCodec
+from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.modules.unet import UNetModel
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,44 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 def is_compvis_state(state: Mapping[str, Tensor]) -> bool:
     """Whether a state dict has the CompVis LatentDiffusion layout (UNet under model.diffusion_model.)."""
     return any(k.startswith(UNET) for k in state)
+
+
+def is_compvis_yaml(path: str | os.PathLike) -> bool:
+    """Whether a yaml is an original inference config (model.params.unet_config), not a train.py config."""
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(Path(path)), resolve=False)
+    except Exception:  # noqa: BLE001 - read_yaml reports unreadable files with their error
+        return True
+    model = raw.get("model") if isinstance(raw, dict) else None
+    return not (
+        isinstance(model, dict) and "params" not in model and ("unet" in model or "_target_" in model)
+    )
+
+
+def state_summary(state: Mapping[str, Tensor]) -> str:
+    """What a state dict holds, for messages: key prefixes, UNet in/out channels, cross-attention width."""
+    prefixes = sorted(
+        {".".join(k.split(".")[:2]) if k.startswith("model.") else k.split(".")[0] for k in state}
+    )
+    parts = [f"key prefixes {', '.join(prefixes[:8])}{' ...' if len(prefixes) > 8 else ''}"]
+    first = state.get(UNET + "input_blocks.0.0.weight")
+    last = state.get(UNET + "out.2.weight")
+    if first is not None and last is not None:
+        parts.append(f"UNet in/out channels {first.shape[1]}/{last.shape[0]}")
+    context = next(
+        (v for k, v in state.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None
+    )
+    parts.append(f"context width {context.shape[1]}" if context is not None else "no cross-attention")
+    return "; ".join(parts)
+
+
+def describe_unknown(state: Mapping[str, Tensor], path: str | os.PathLike) -> str:
+    """The message for an original-layout file no family recognises without its yaml."""
+    return (
+        f"{path} is an original CompVis/Stability checkpoint ({state_summary(state)}) that no supported "
+        "family matches without its yaml: pass config=<its inference yaml> (e.g. v1-inference.yaml, "
+        "v2-inference-v.yaml, x4-upscaling.yaml, or the config.yaml of an LDM model folder)."
+    )
 
 
 def to_our_names(key: str, text_prefix: str = "") -> str | None:
@@ -79,22 +119,49 @@ def ema_key(unet_param: str) -> str:
     return EMA + ("diffusion_model." + unet_param).replace(".", "")
 
 
-def unet_weights(state: Mapping[str, Tensor], param_names: list[str], use_ema: bool) -> dict[str, Tensor]:
-    """UNet weights by our names: the LitEma shadows when asked and present, else model.diffusion_model.*."""
+# Where the original code (and tools that re-saved its files) put the EMA shadows of the UNet: LitEma's
+# dot-less names under model_ema. (CompVis, Stability), the same with the dots kept, or under ema./ema_model.
+EMA_PREFIXES = ("model_ema.", "ema_model.", "ema.")
+_EMA_LEVELS = ("module", "model", "diffusion_model")  # levels between the prefix and the UNet's names
+
+
+def find_ema(state: Mapping[str, Tensor], param_names: list[str]) -> dict[str, Tensor]:
+    """EMA shadows of the UNet parameters `param_names` by our names, in any layout the originals wrote."""
+    dotless: dict[str, str] = {}
+    for key in state:
+        for prefix in EMA_PREFIXES:
+            if key.startswith(prefix):
+                rest = key[len(prefix) :]
+                for level in _EMA_LEVELS:
+                    rest = rest[len(level) :].lstrip(".") if rest.startswith(level) else rest
+                dotless.setdefault(rest.replace(".", ""), key)
+    return {n: state[dotless[n.replace(".", "")]] for n in param_names if n.replace(".", "") in dotless}
+
+
+def unet_weights(
+    state: Mapping[str, Tensor], param_names: list[str], use_ema: bool
+) -> tuple[dict[str, Tensor], bool]:
+    """(UNet weights by our names, whether they are EMA shadows): the shadows when asked and present."""
     raw = {k[len(UNET) :]: v for k, v in state.items() if k.startswith(UNET)}
     if not use_ema:
-        return raw
-    found = {n: state[ema_key(n)] for n in param_names if ema_key(n) in state}
+        return raw, False
+    found = find_ema(state, param_names)
     if not found:
-        log.info("no model_ema.* weights in the checkpoint: its model.diffusion_model.* weights are used")
-        return raw
+        has_ema_keys = any(k.startswith(EMA_PREFIXES) for k in state)
+        log.warning(
+            "%s: the UNet's model.diffusion_model.* weights are used",
+            "EMA keys found but none matches a UNet parameter"
+            if has_ema_keys
+            else "no EMA weights (model_ema.*) in the checkpoint",
+        )
+        return raw, False
     if len(found) != len(param_names):
         missing = next(n for n in param_names if n not in found)
         raise UserError(
             f"the checkpoint's EMA weights (model_ema.*) are incomplete: {len(param_names) - len(found)} of "
             f"{len(param_names)} UNet parameters missing (e.g. {ema_key(missing)}); pass use_ema=false."
         )
-    return {**raw, **found}  # buffers (none in our UNet today) stay raw
+    return {**raw, **found}, True  # buffers (none in our UNet today) stay raw
 
 
 # -- the yaml --------------------------------------------------------------------------------------------
@@ -118,6 +185,12 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return params
 
 
+def read_model_target(path: str | os.PathLike) -> str:
+    """`model.target` of a CompVis yaml (LatentDiffusion, LatentUpscaleDiffusion, LatentInpaintDiffusion)."""
+    raw = OmegaConf.to_container(OmegaConf.load(Path(path)), resolve=True)
+    return str(((raw or {}).get("model") or {}).get("target", ""))
+
+
 def build_unet(params: Mapping[str, Any]) -> UNetModel:
     """Our UNetModel from `unet_config` (`params` of it)."""
     unet_params = dict(params["unet_config"].get("params") or {})
@@ -125,22 +198,18 @@ def build_unet(params: Mapping[str, Any]) -> UNetModel:
     return UNetModel.from_compvis_config(unet_params)
 
 
-def build_autoencoder(params: Mapping[str, Any]) -> tuple[AutoencoderKL, dict]:
-    """AutoencoderKL (+ its `_target_` config) from `first_stage_config`; only KL autoencoders (SD's)."""
+def build_autoencoder(params: Mapping[str, Any]) -> tuple[torch.nn.Module, dict]:
+    """The first stage (+ its `_target_` config) from `first_stage_config`, by the builder of its target."""
+    load_families()
     first = params["first_stage_config"]
     target = str(first.get("target", ""))
-    if not target.endswith("AutoencoderKL"):
+    builder = registry.FIRST_STAGE.get(class_name(target))
+    if builder is None:
         raise UserError(
-            f"first_stage_config.target={target}: only AutoencoderKL first stages (Stable Diffusion's) load "
-            "from CompVis checkpoints."
+            f"first_stage_config.target={target} is not a first stage we can build; supported: "
+            f"{', '.join(sorted(registry.FIRST_STAGE))}."
         )
-    p = first.get("params") or {}
-    config = {
-        "_target_": "ldm.models.autoencoder.AutoencoderKL",
-        "embed_dim": int(p["embed_dim"]),
-        "ddconfig": dict(p["ddconfig"]),
-    }  # monitor, lossconfig, ckpt_path: training-only
-    return AutoencoderKL(config["ddconfig"], config["embed_dim"]), config
+    return builder(dict(first.get("params") or {}))
 
 
 def build_loss(params: Mapping[str, Any], state: Mapping[str, Tensor]) -> DiffusionLoss:
@@ -166,33 +235,29 @@ def build_loss(params: Mapping[str, Any], state: Mapping[str, Tensor]) -> Diffus
     return DiffusionLoss(schedule, parameterization=params.get("parameterization", "eps"))
 
 
-def build_conditioner(
-    params: Mapping[str, Any], state: Mapping[str, Tensor], text_encoder: str | None, latent_channels: int
-) -> Conditioner:
-    """cond_stage_config + conditioning_key -> our Conditioner (CLIP text, SD-inpainting concat, or none)."""
-    cond_cfg = params.get("cond_stage_config")
-    key = params.get("conditioning_key")
-    target = cond_cfg if isinstance(cond_cfg, str) else str((cond_cfg or {}).get("target", ""))
+def build_conditioner(ctx: BuildContext) -> Conditioner:
+    """cond_stage_config + conditioning_key (+ the model class's extras) -> our Conditioner."""
+    load_families()
+    key, target = ctx.conditioning_key, ctx.cond_target
     conditioners: dict[str, Any] = {}
-    if target == "__is_unconditional__" or cond_cfg is None:
-        pass
-    elif target.rsplit(".", 1)[-1] in CLIP_TARGETS:
-        cp = (cond_cfg or {}).get("params") or {}
-        conditioners[TEXT_NAME] = clip_text_encoder(
-            text_encoder,
-            clip_state(state),
-            max_length=int(cp.get("max_length", 77)),
-            layer=cp.get("layer", "last"),
-        )
-    else:
-        raise UserError(
-            f"cond_stage_config.target={target} is not supported for CompVis checkpoints; supported: "
-            "FrozenCLIPEmbedder (Stable Diffusion v1) and __is_unconditional__."
-        )
+    if key is not None:
+        builder = registry.COND_STAGE.get(class_name(target))
+        if builder is None:
+            raise UserError(
+                f"{ctx.where('cond_stage_config.target')}={target} is not supported; supported: "
+                f"{', '.join(sorted(registry.COND_STAGE))} and __is_unconditional__."
+            )
+        conditioners.update(builder(ctx))
+    extras = registry.MODEL_KIND.get(class_name(ctx.extra.get("model_target") or ""))
+    if extras is not None:
+        conditioners.update(extras(ctx))
     if key == "hybrid":  # SD-inpainting: cat([z_t, mask, E(masked image)]) + CLIP cross-attention
-        conditioners = {"inpaint": InpaintingConditioner(latent_channels=latent_channels), **conditioners}
-    elif key not in (None, "crossattn"):
-        raise UserError(f"conditioning_key={key!r} is not supported; supported: crossattn, hybrid, none.")
+        conditioners = {"inpaint": InpaintingConditioner(latent_channels=ctx.latent_channels), **conditioners}
+    elif key not in (None, "crossattn", "concat", "hybrid-adm"):  # hybrid-adm: x4's concat + class (extras)
+        raise UserError(
+            f"{ctx.where('conditioning_key')}={key!r} is not supported; supported: crossattn, concat, "
+            "hybrid, none."
+        )
     return Conditioner(conditioners)
 
 
@@ -307,38 +372,45 @@ def load_compvis(
     use_ema: bool = True,
     text_encoder: str | None = None,
 ) -> tuple[Any, dict]:
-    """(LatentDiffusionModule, summary) from a CompVis state dict and its inference yaml."""
-    from ldm.training.diffusion_module import LatentDiffusionModule
+    """(LatentDiffusion, summary) from a CompVis state dict and its inference yaml."""
 
     params = read_yaml(yaml_path)
     latent_channels = int((params["first_stage_config"].get("params") or {}).get("embed_dim", 4))
-    conditioner = build_conditioner(params, state, text_encoder, latent_channels)  # cheap checks first
+    ctx = BuildContext(
+        params=params,
+        state=state,
+        yaml_path=Path(yaml_path),
+        text_encoder=text_encoder,
+        latent_channels=latent_channels,
+        extra={"model_target": read_model_target(yaml_path)},
+    )
+    conditioner = build_conditioner(ctx)  # cheap checks (tokenizer folders, cond-stage keys) first
     with torch.device("meta"):  # no random init of ~1B parameters that are overwritten right away
         unet = build_unet(params)
         autoencoder, ae_config = build_autoencoder(params)
     names = [n for n, _ in unet.named_parameters()]
-    load_into(unet, unet_weights(state, names, use_ema), f"{yaml_path} (unet_config)", assign=True)
+    weights, used_ema = unet_weights(state, names, use_ema)
+    load_into(unet, weights, f"{yaml_path} (unet_config)", assign=True)
     first = {k[len(FIRST_STAGE) :]: v for k, v in state.items() if k.startswith(FIRST_STAGE)}
     load_into(autoencoder, first, f"{yaml_path} (first_stage_config)", assign=True)
     autoencoder.eval().requires_grad_(False)
     scale = (
         state["scale_factor"].item() if "scale_factor" in state else float(params.get("scale_factor", 1.0))
     )
-    module = LatentDiffusionModule(
+    model = LatentDiffusion(
         unet=unet,
         conditioner=conditioner,
         first_stage=LatentCodec(autoencoder, scale, ae_config),
         loss=build_loss(params, state),
-        optim={},
-        ema_decay=0.0,  # sampling only: the EMA weights (if wanted) are already in the UNet
+        unet_key=f"{yaml_path}: model.params.unet_config.params",
     )
     summary = {
         "unet_config": params["unet_config"].get("params"),
         "scale_factor": scale,
         "image_size": int(params.get("image_size", 64)) * autoencoder.downsample_factor,
-        "used_ema": use_ema and any(k.startswith(EMA) for k in state),
+        "used_ema": used_ema,
     }
-    return module, summary
+    return model, summary
 
 
 def load_into(

@@ -24,8 +24,10 @@ from torch import Tensor
 
 from ldm.conditioning import FrozenTextEncoder
 from ldm.errors import UserError
-from ldm.interop import compvis
+from ldm.interop import compvis, recognise
 from ldm.interop.checkpoint import load_state_dict
+from ldm.models.first_stage import codec_from_config
+from ldm.models.latent_diffusion import LatentDiffusion
 
 log = logging.getLogger(__name__)
 STAGE2_TARGET = "LatentDiffusionModule"
@@ -36,17 +38,24 @@ SAMPLING_TASKS = "txt2img, img2img, inpaint, outpaint, superres, semantic, class
 class LoadedModel:
     """A stage-2 model ready to sample from, and where it came from (recorded with every run)."""
 
-    module: Any  # LatentDiffusionModule in eval mode (unet, conditioner, first_stage, loss, net)
+    model: LatentDiffusion  # eval mode, frozen: first stage, conditioner, UNet, schedule
     path: Path
     format: str  # lightning | export | compvis
     used_ema: bool  # whether the UNet holds EMA weights
-    image_size: int | None = None  # side in pixels the model was trained at (default sample size)
+    image_size: int | tuple[int, int] | None = None  # (H, W) or side in pixels the model was trained at
     config: dict | None = field(default=None, repr=False)
 
     @property
     def input_keys(self) -> tuple[str, ...]:
         """Conditioning inputs the model reads (caption, masked_image + mask, lowres, segmap, label)."""
-        return tuple(self.module.conditioner.input_keys)
+        return self.model.input_keys
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The sample.py tasks this model supports."""
+        from ldm.sampling.job import supported_tasks  # ldm.sampling imports this module
+
+        return supported_tasks(self.input_keys)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -54,6 +63,7 @@ class LoadedModel:
             "format": self.format,
             "used_ema": self.used_ema,
             "input_keys": list(self.input_keys),
+            "tasks": list(self.tasks),
             "image_size": self.image_size,
         }
 
@@ -61,38 +71,87 @@ class LoadedModel:
 def load_model(
     path: str | os.PathLike,
     *,
-    config: str | os.PathLike | None = None,  # CompVis yaml for original Stable Diffusion checkpoints
+    config: str | os.PathLike | None = None,  # original yaml (CompVis/SD), or a train.py run's config.yaml
     use_ema: bool = True,  # EMA weights when the file has them (exports only hold EMA weights)
-    text_encoder: str | None = None,  # local text-encoder/tokenizer folder (required for CompVis CLIP)
+    text_encoder: str | None = None,  # local text-encoder/tokenizer folder (required for CLIP checkpoints)
 ) -> LoadedModel:
     """Build the model a checkpoint file describes and load its weights (never unpickles code)."""
     path = Path(path)
     state, run_config = load_state_dict(path, what="checkpoint (ckpt)")
     if config is not None:
-        module, summary = compvis.load_compvis(state, config, use_ema=use_ema, text_encoder=text_encoder)
-        return _ready(
-            LoadedModel(module, path, "compvis", summary["used_ema"], summary["image_size"], summary)
-        )
-    model_cfg = (run_config or {}).get("model") if isinstance(run_config, dict) else None
-    if not isinstance(model_cfg, dict):
-        if compvis.is_compvis_state(state):
-            raise UserError(
-                f"{path} looks like an original CompVis / Stable Diffusion checkpoint "
-                "(model.diffusion_model.* without a run config): pass its yaml too, "
-                "e.g. config=v1-inference.yaml."
+        if compvis.is_compvis_yaml(config):
+            model, summary = compvis.load_compvis(state, config, use_ema=use_ema, text_encoder=text_encoder)
+            return _ready(
+                LoadedModel(model, path, "compvis", summary["used_ema"], summary["image_size"], summary)
             )
-        raise UserError(
-            f"{path} carries no run config (metadata 'config', config.yaml beside it, or 'ldm_config' in a "
-            "Lightning .ckpt), so the model cannot be rebuilt. Pass a model.safetensors or .ckpt written by "
-            "train.py, or a CompVis checkpoint with config=<its yaml>."
+        run_config = _read_run_config(config)
+    model_cfg = (run_config or {}).get("model") if isinstance(run_config, dict) else None
+    if not isinstance(model_cfg, dict) and recognise.is_original(state):
+        # an original CompVis/Stability file without config=: its family's built-in yaml, from keys and shapes
+        family = recognise.recognised_family(state, path)  # UserError when ambiguous or unknown
+        model, summary = compvis.load_compvis(state, family.yaml, use_ema=use_ema, text_encoder=text_encoder)
+        summary = {**summary, "family": family.name, "config": str(family.yaml)}
+        return _ready(
+            LoadedModel(model, path, "compvis", summary["used_ema"], summary["image_size"], summary)
         )
+    if not isinstance(model_cfg, dict):
+        raise _no_config(path, state)
     if STAGE2_TARGET not in str(model_cfg.get("_target_", "")) and "unet" not in model_cfg:
         raise _not_stage2(path, model_cfg)
-    fmt = "lightning" if any(k.startswith("unet.") for k in state) else "export"
-    module = _instantiate(path, run_config, model_cfg, text_encoder, keep_ema=fmt == "lightning")
-    used_ema = _load_ours(module, state, path, fmt, use_ema)
+    fmt = "export" if compvis.is_compvis_state(state) else "lightning"
+    model = _build_ours(path, run_config, model_cfg, text_encoder)
+    used_ema = _load_ours(model, state, path, fmt, use_ema)
+    return _ready(LoadedModel(model, path, fmt, used_ema, _native_size(run_config), run_config))
+
+
+def _native_size(run_config: dict) -> int | tuple[int, int] | None:
+    """The pixel size training saw (recorded by the trainer; older runs: data.resolution)."""
+    seen = run_config.get("sample_size")
+    if seen:
+        return (int(seen[0]), int(seen[1]))
     size = (run_config.get("data") or {}).get("resolution")
-    return _ready(LoadedModel(module, path, fmt, used_ema, int(size) if size else None, run_config))
+    return int(size) if size else None
+
+
+def _read_run_config(config: str | os.PathLike) -> dict:
+    from omegaconf import OmegaConf
+
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(Path(config)), resolve=True)
+    except Exception as e:  # noqa: BLE001 - any YAML failure is the user's file
+        raise UserError(f"config={config} is not readable YAML ({type(e).__name__}: {e}).") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise UserError(
+            f"config={config} is neither an original CompVis/Stability inference yaml (model.params with "
+            "unet_config) nor a train.py run config (config.yaml of a run folder)."
+        )
+    return raw
+
+
+def _no_config(path: Path, state: dict[str, Tensor]) -> UserError:
+    ours = any(k.startswith(("conditioner.", "loss.")) for k in state)
+    if compvis.is_compvis_state(state) and (ours or "alphas_cumprod" not in state):
+        # original LatentDiffusion files carry their schedule buffers (alphas_cumprod, betas); exports do not
+        return UserError(
+            f"{path} looks like a train.py export whose config metadata was removed ("
+            + ("it has our conditioner.*/loss.* keys" if ours else "no original schedule buffers")
+            + "): put the run's config.yaml beside it or pass config=<that run's config.yaml>; if it is an "
+            "original checkpoint, pass config=<its inference yaml>."
+        )
+    if compvis.is_compvis_state(state):
+        return UserError(compvis.describe_unknown(state, path))
+    if any(k.startswith(("encoder.", "decoder.", "first_stage_model.")) for k in state) and not any(
+        "diffusion_model" in k or k.startswith(("unet.", "model.unet.")) for k in state
+    ):
+        return UserError(
+            f"{path} holds only autoencoder weights (encoder.*/decoder.*), not a diffusion model: every "
+            f"sampling task ({SAMPLING_TASKS}) needs a stage-2 model."
+        )
+    return UserError(
+        f"{path} carries no run config (metadata 'config', config.yaml beside it, or 'ldm_config' in a "
+        "Lightning .ckpt) and is no original CompVis/Stability checkpoint, so the model cannot be rebuilt. "
+        "Pass a model.safetensors or .ckpt written by train.py, or an original checkpoint (+ config=<yaml>)."
+    )
 
 
 def _not_stage2(path: Path, model_cfg: dict) -> UserError:
@@ -106,10 +165,8 @@ def _not_stage2(path: Path, model_cfg: dict) -> UserError:
     )
 
 
-def _instantiate(
-    path: Path, run_config: dict, model_cfg: dict, text_encoder: str | None, keep_ema: bool
-) -> Any:
-    """The run config's LatentDiffusionModule, its first stage rebuilt from the stored autoencoder config."""
+def _build_ours(path: Path, run_config: dict, model_cfg: dict, text_encoder: str | None) -> LatentDiffusion:
+    """The plain model from a run config's pieces; the first stage from the stored autoencoder config."""
     ae_config = run_config.get("first_stage_autoencoder")
     if not isinstance(ae_config, dict):
         raise UserError(
@@ -117,20 +174,17 @@ def _instantiate(
             "stage cannot be rebuilt without the stage-1 file; re-export it with the current train.py."
         )
     cfg = copy.deepcopy(model_cfg)
-    # _recursive_ false: codec_from_config builds the autoencoder from its config itself.
-    cfg["first_stage"] = {
-        "_target_": "ldm.models.first_stage.codec_from_config",
-        "_recursive_": False,
-        "autoencoder": ae_config,
-    }
-    cfg["sampler"] = None  # sample.py picks the sampler
-    if not keep_ema:
-        cfg["ema_decay"] = 0.0  # an export already holds the EMA weights: no second copy
     if text_encoder is not None:
         for entry in ((cfg.get("conditioner") or {}).get("conditioners") or {}).values():
             if isinstance(entry, dict) and str(entry.get("_target_", "")).endswith("FrozenTextEncoder"):
                 entry["model"] = text_encoder
-    return instantiate_or_user_error(cfg)
+    return LatentDiffusion(
+        unet=instantiate_or_user_error(cfg["unet"]),
+        conditioner=instantiate_or_user_error(cfg["conditioner"]),
+        first_stage=codec_from_config(ae_config),
+        loss=instantiate_or_user_error(cfg["loss"]),
+        sample_posterior=bool(cfg.get("sample_posterior", True)),
+    )
 
 
 def instantiate_or_user_error(config: Any, **kwargs: Any) -> Any:
@@ -144,38 +198,49 @@ def instantiate_or_user_error(config: Any, **kwargs: Any) -> Any:
         raise (err or e) from None
 
 
-def _load_ours(module: Any, state: dict[str, Tensor], path: Path, fmt: str, use_ema: bool) -> bool:
+def _load_ours(model: LatentDiffusion, state: dict[str, Tensor], path: Path, fmt: str, use_ema: bool) -> bool:
     """Load train.py weights (Lightning names or export names); returns whether EMA weights are in use."""
+    where = f"the run config stored in {path}"
     if fmt == "export":
         weights = {name: v for k, v in state.items() if (name := compvis.to_our_names(k))}
-        compvis.load_into(module, weights, f"the run config stored in {path}")
+        compvis.load_into(model, weights, where)
         if not use_ema:
             log.warning(
                 "%s is an export, which stores only the EMA weights: use_ema=false has no effect", path
             )
         return True
-    ema = getattr(module, "ema", None)
-    compvis.load_into(module, state, f"the run config stored in {path}")
+    # Lightning: model.<name> (earlier versions: <name>), EMA shadows as ema.<name without dots>
+    weights = {(k[len("model.") :] if k.startswith("model.") else k): v for k, v in state.items()}
+    ema = {k[len("ema.") :]: v for k, v in weights.items() if k.startswith("ema.")}
+    weights = {k: v for k, v in weights.items() if not k.startswith("ema.")}
     used = False
-    if use_ema and ema is not None:
-        ema.copy_to(module)
-        used = True
+    if use_ema and ema:
+        for name, _ in model.named_parameters():
+            if name.replace(".", "") in ema:
+                weights[name] = ema[name.replace(".", "")]
+                used = True
     elif use_ema:
         log.warning("%s has no EMA weights (trained with ema_decay=0): using the raw weights", path)
-    module.ema = None  # sampling never updates it; frees a copy of the UNet
+    compvis.load_into(model, weights, where)
     return used
 
 
 def _ready(loaded: LoadedModel) -> LoadedModel:
     """Eval mode, frozen, text encoders' cached null context matching the loaded weights."""
-    module = loaded.module
-    module.eval().requires_grad_(False)
-    for c in module.conditioner.conditioners.values():
+    model = loaded.model
+    model.eval().requires_grad_(False)
+    for c in model.conditioner.conditioners.values():
         if isinstance(c, FrozenTextEncoder):
             compvis.refresh_null_context(c)
-    if not module.first_stage.scale_known:
+    if not model.first_stage.scale_known:
         raise UserError(
             f"{loaded.path} has no latent scale_factor; was training stopped before the first step?"
         )
-    log.info("loaded %s (%s, %s weights)", loaded.path, loaded.format, "EMA" if loaded.used_ema else "raw")
+    log.info(
+        "loaded %s (%s, %s weights); tasks it supports: %s",
+        loaded.path,
+        loaded.format,
+        "EMA" if loaded.used_ema else "raw",
+        ", ".join(loaded.tasks),
+    )
     return loaded

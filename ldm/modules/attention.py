@@ -105,10 +105,13 @@ class BasicTransformerBlock(nn.Module):
         dropout: float = 0.0,
         context_dim: int | None = None,
         use_checkpoint: bool = False,
+        disable_self_attn: bool = False,  # SD x4 upscaler: attn1 attends to the context as well
     ) -> None:
         super().__init__()
         self.use_checkpoint = use_checkpoint
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)  # self-attention
+        self.disable_self_attn = disable_self_attn
+        # attn1 is self-attention, unless disabled: then a second cross-attention to the context.
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, heads, dim_head, dropout)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)  # self-attn if no context
         self.norm1 = nn.LayerNorm(dim)
@@ -121,7 +124,7 @@ class BasicTransformerBlock(nn.Module):
         return self._forward(x, context)
 
     def _forward(self, x: Tensor, context: Tensor | None) -> Tensor:
-        x = x + self.attn1(self.norm1(x))  # (N, T, D)
+        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None)  # (N, T, D)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -131,6 +134,8 @@ class SpatialTransformer(nn.Module):
 
     `use_linear=False` projects in/out with 1x1 convolutions (SD v1), `True` with linear layers after
     flattening (SD v2); the parameters have the same names, only the weight shapes differ.
+    `disable_self_attn=True` (SD x4 upscaler, `disable_self_attentions`) makes every block's attn1 attend
+    to the context instead of the pixels (its to_k / to_v then read `context_dim` features).
     """
 
     def __init__(
@@ -143,6 +148,7 @@ class SpatialTransformer(nn.Module):
         context_dim: int | None = None,
         use_linear: bool = False,
         use_checkpoint: bool = False,
+        disable_self_attn: bool = False,
     ) -> None:
         super().__init__()
         inner_dim = heads * dim_head
@@ -153,7 +159,9 @@ class SpatialTransformer(nn.Module):
         else:
             self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner_dim, heads, dim_head, dropout, context_dim, use_checkpoint)
+            BasicTransformerBlock(
+                inner_dim, heads, dim_head, dropout, context_dim, use_checkpoint, disable_self_attn
+            )
             for _ in range(depth)
         )
         if use_linear:
@@ -181,13 +189,22 @@ class SpatialTransformer(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over pixels, no context (Ho et al. 2020; CompVis `AttentionBlock`, legacy order)."""
+    """Self-attention over pixels, no context (Ho et al. 2020; CompVis / guided-diffusion `AttentionBlock`).
 
-    def __init__(self, channels: int, heads: int, use_checkpoint: bool = False) -> None:
+    One 1x1 conv makes q, k, v: `qkv` (N, 3C, T). CompVis reads its channels in one of two orders, which
+    decides how a checkpoint's weights are used:
+    - legacy (`QKVAttentionLegacy`, default): heads outermost, [q_h | k_h | v_h] per head;
+    - `new_order=True` (`QKVAttention`, `use_new_attention_order`): [q | k | v], each split into heads.
+    """
+
+    def __init__(
+        self, channels: int, heads: int, use_checkpoint: bool = False, new_order: bool = False
+    ) -> None:
         super().__init__()
         if channels % heads:
             raise ValueError(f"AttentionBlock: {channels} channels do not split into {heads} heads")
         self.heads = heads
+        self.new_order = new_order
         self.use_checkpoint = use_checkpoint
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, kernel_size=1)
@@ -202,8 +219,11 @@ class AttentionBlock(nn.Module):
         n, c, *spatial = x.shape  # (N, C, H, W)
         x = x.reshape(n, c, -1)  # (N, C, T)
         qkv = self.qkv(self.norm(x))  # (N, 3C, T)
-        # CompVis' legacy layout (QKVAttentionLegacy): heads outermost, then q, k, v per head.
-        q, k, v = qkv.view(n, self.heads, 3 * c // self.heads, -1).transpose(2, 3).chunk(3, dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, C/H)
+        d = c // self.heads
+        if self.new_order:  # (N, 3, H, D, T): q, k, v outermost
+            q, k, v = qkv.view(n, 3, self.heads, d, -1).transpose(3, 4).unbind(1)  # each (N, H, T, D)
+        else:  # (N, H, 3D, T): heads outermost, then q, k, v per head
+            q, k, v = qkv.view(n, self.heads, 3 * d, -1).transpose(2, 3).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, D)
         out = out.transpose(2, 3).reshape(n, c, -1)  # (N, C, T)
         return (x + self.proj_out(out)).reshape(n, c, *spatial)

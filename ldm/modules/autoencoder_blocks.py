@@ -125,10 +125,16 @@ class AttnBlock(nn.Module):
 
 def _check_attn_type(attn_type: str) -> None:
     # CompVis/SGM configs name their attention kernel; every "vanilla" variant is the same math as ours (SDPA)
-    if attn_type not in ("vanilla", "vanilla-xformers", "sdpa"):
+    if attn_type not in ("vanilla", "vanilla-xformers", "sdpa", "none"):
         raise UserError(
-            f"ddconfig.attn_type={attn_type!r} is not supported; use 'vanilla' (scaled dot-product attention)"
+            f"ddconfig.attn_type={attn_type!r} is not supported; use 'vanilla' (scaled dot-product "
+            "attention) or 'none' (no attention layers, as LDM's inpainting_big first stage)"
         )
+
+
+def _attention(channels: int, norm_groups: int, attn_type: str) -> nn.Module:
+    """A self-attention layer, or a parameter-free identity for attn_type 'none' (CompVis `make_attn`)."""
+    return nn.Identity() if attn_type == "none" else AttnBlock(channels, norm_groups)
 
 
 class Encoder(nn.Module):
@@ -176,7 +182,7 @@ class Encoder(nn.Module):
                 block.append(ResnetBlock(block_in, block_out, dropout=dropout, norm_groups=norm_groups))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(AttnBlock(block_in, norm_groups))
+                    attn.append(_attention(block_in, norm_groups, attn_type))
             down = nn.Module()
             down.block = block
             down.attn = attn
@@ -187,7 +193,7 @@ class Encoder(nn.Module):
 
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
-        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.attn_1 = _attention(block_in, norm_groups, attn_type)
         self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
 
         self.norm_out = Normalize(block_in, norm_groups)
@@ -244,7 +250,7 @@ class Decoder(nn.Module):
 
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
-        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.attn_1 = _attention(block_in, norm_groups, attn_type)
         self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
 
         up_levels: list[nn.Module] = []
@@ -256,7 +262,7 @@ class Decoder(nn.Module):
                 block.append(ResnetBlock(block_in, block_out, dropout=dropout, norm_groups=norm_groups))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(AttnBlock(block_in, norm_groups))
+                    attn.append(_attention(block_in, norm_groups, attn_type))
             up = nn.Module()
             up.block = block
             up.attn = attn

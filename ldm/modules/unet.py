@@ -17,7 +17,13 @@ from ldm.modules.embeddings import timestep_embedding
 
 
 class ResBlock(nn.Module):
-    """Residual block with an additive timestep embedding (Ho et al. 2020; CompVis `ResBlock`)."""
+    """Residual block with a timestep embedding (Ho et al. 2020; CompVis / guided-diffusion `ResBlock`).
+
+    The embedding is added to the features, or with `use_scale_shift_norm` applied FiLM-style after the
+    output norm: h = norm(h) * (1 + scale) + shift, where (scale, shift) = emb_layers(emb) (Dhariwal & Nichol
+    2021, "adaptive group normalisation"). With `up` / `down` (guided-diffusion's `resblock_updown`) the
+    block also halves or doubles the resolution, resampling both branches in the middle of `in_layers`.
+    """
 
     def __init__(
         self,
@@ -26,14 +32,27 @@ class ResBlock(nn.Module):
         out_channels: int | None = None,
         dropout: float = 0.0,
         use_checkpoint: bool = False,
+        use_scale_shift_norm: bool = False,  # emb_layers output 2*C_out: a scale and a shift
+        up: bool = False,  # 2x nearest upsampling inside the block (no parameters)
+        down: bool = False,  # 2x2 average pooling inside the block (no parameters)
     ) -> None:
         super().__init__()
         out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.up = up
         self.in_layers = nn.Sequential(
             normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.updown = up or down
+        if up:  # CompVis names h_upd / x_upd; parameter-free, so no checkpoint keys
+            self.h_upd: nn.Module = Upsample(channels, use_conv=False)
+            self.x_upd: nn.Module = Upsample(channels, use_conv=False)
+        elif down:
+            self.h_upd = Downsample(channels, use_conv=False)
+            self.x_upd = Downsample(channels, use_conv=False)
+        emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
             normalization(out_channels),
             nn.SiLU(),
@@ -45,15 +64,27 @@ class ResBlock(nn.Module):
         else:
             self.skip_connection = nn.Conv2d(channels, out_channels, 1)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        """x (N, C, H, W), emb (N, E) -> (N, C_out, H', W'); `size`: target side of an `up` block."""
         if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
+            return checkpoint(self._forward, x, emb, size, use_reentrant=False)
+        return self._forward(x, emb, size)
 
-    def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers(x)  # (N, C_out, H, W)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # emb (N, C_out) -> (N, C_out, 1, 1)
-        h = self.out_layers(h)
+    def _forward(self, x: Tensor, emb: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        if self.updown:
+            h = self.in_layers[:-1](x)  # norm + SiLU at the input resolution
+            h = self.h_upd(h, size) if self.up else self.h_upd(h)
+            x = self.x_upd(x, size) if self.up else self.x_upd(x)
+            h = self.in_layers[-1](h)  # (N, C_out, H', W')
+        else:
+            h = self.in_layers(x)  # (N, C_out, H, W)
+        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # (N, C_out or 2*C_out, 1, 1)
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
 
 
@@ -92,7 +123,7 @@ class TimestepEmbedSequential(nn.Sequential):
     ) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb, size if layer.up else None)  # only an upsampling block takes the size
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             elif isinstance(layer, Upsample):
@@ -100,6 +131,22 @@ class TimestepEmbedSequential(nn.Sequential):
             else:
                 x = layer(x)
         return x
+
+
+def attention_block_heads(
+    ch: int, num_heads: int, num_head_channels: int, heads_here: int, legacy: bool
+) -> int:
+    """Heads of a self-attention `AttentionBlock` of `ch` channels, by CompVis' rules.
+
+    A set `num_head_channels` gives ch // num_head_channels heads. Otherwise the legacy rule uses `heads_here`
+    (num_heads, or num_heads_upsample in the decoder), and the non-legacy one ch // (ch // num_heads) heads
+    everywhere (CompVis passes a head width derived from num_heads, so num_heads_upsample has no effect).
+    """
+    if num_head_channels != -1:
+        return ch // num_head_channels
+    if legacy:
+        return heads_here
+    return ch // (ch // num_heads)
 
 
 class UNetModel(nn.Module):
@@ -119,9 +166,16 @@ class UNetModel(nn.Module):
         context_dim: int | None = None,  # cross-attention width (SD v1: 768); None: plain self-attention
         num_classes: int | None = None,  # class-conditional: a label embedding is added to the time one
         use_linear_in_transformer: bool = False,  # SD v2 projects in/out with Linear instead of 1x1 conv
+        disable_self_attentions: Sequence[bool] | None = None,  # per level: attn1 attends to the context
+        disable_middle_self_attn: bool = False,  # the same for the middle block (SD x4 upscaler: False)
+        num_attention_blocks: Sequence[int] | None = None,  # per level: only the first n blocks get attention
         use_checkpoint: bool = False,  # gradient checkpointing: ~30% slower steps for far less memory
         dropout: float = 0.0,  # inside ResBlocks only, as in CompVis
         conv_resample: bool = True,  # learned down/upsampling convs (False: average pooling / copy)
+        num_heads_upsample: int = -1,  # heads of the decoder's AttentionBlocks (-1: num_heads; legacy only)
+        use_scale_shift_norm: bool = False,  # FiLM the ResBlocks' output norm with the time embedding
+        resblock_updown: bool = False,  # resample with up/down ResBlocks instead of Downsample/Upsample
+        use_new_attention_order: bool = False,  # AttentionBlock qkv channels as [q | k | v], else per head
         legacy: bool = True,  # CompVis head-width rule: dim_head = ch // heads (same for divisible widths)
         pooled_context: bool = False,  # also add an MLP of the mean-pooled context to the time embedding
     ) -> None:
@@ -142,10 +196,30 @@ class UNetModel(nn.Module):
         attention_resolutions = {int(r) for r in attention_resolutions}
         channel_mult = [int(m) for m in channel_mult]
 
-        def attention(ch: int) -> nn.Module:
+        levels = len(channel_mult)
+        for key, value in (
+            ("disable_self_attentions", disable_self_attentions),
+            ("num_attention_blocks", num_attention_blocks),
+        ):
+            if value is not None and len(value) != levels:
+                raise UserError(
+                    f"UNet config: {key} has {len(value)} entries but channel_mult has {levels} levels; "
+                    f"give one entry per level"
+                )
+
+        def has_attention(ds: int, level: int, block: int) -> bool:
+            """Attention at the listed resolutions, in the first num_attention_blocks[level] blocks."""
+            return ds in attention_resolutions and (
+                num_attention_blocks is None or block < int(num_attention_blocks[level])
+            )
+
+        def attention(ch: int, decoder: bool = False, no_self_attn: bool = False) -> nn.Module:
             heads = num_heads if num_head_channels == -1 else ch // num_head_channels
             if context_dim is None:  # CompVis use_spatial_transformer=False: no cross-attention
-                return AttentionBlock(ch, heads, use_checkpoint)
+                self_heads = attention_block_heads(
+                    ch, num_heads, num_head_channels, heads_up if decoder else num_heads, legacy
+                )
+                return AttentionBlock(ch, self_heads, use_checkpoint, use_new_attention_order)
             dim_head = ch // heads if (legacy or num_head_channels == -1) else num_head_channels
             return SpatialTransformer(
                 ch,
@@ -155,10 +229,15 @@ class UNetModel(nn.Module):
                 context_dim=context_dim,
                 use_linear=use_linear_in_transformer,
                 use_checkpoint=use_checkpoint,
+                disable_self_attn=bool(no_self_attn),
             )
 
-        def resblock(ch: int, out_ch: int) -> ResBlock:
-            return ResBlock(ch, time_embed_dim, out_ch, dropout, use_checkpoint)
+        heads_up = num_heads if num_heads_upsample == -1 else num_heads_upsample
+
+        def resblock(ch: int, out_ch: int, up: bool = False, down: bool = False) -> ResBlock:
+            return ResBlock(
+                ch, time_embed_dim, out_ch, dropout, use_checkpoint, use_scale_shift_norm, up=up, down=down
+            )
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -185,29 +264,34 @@ class UNetModel(nn.Module):
         skip_channels = [model_channels]
         ch, ds = model_channels, 1  # current width and downsampling factor
         for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
+            no_self_attn = bool(disable_self_attentions[level]) if disable_self_attentions else False
+            for block in range(num_res_blocks):
                 layers = [resblock(ch, model_channels * mult)]
                 ch = model_channels * mult
-                if ds in attention_resolutions:
-                    layers.append(attention(ch))
+                if has_attention(ds, level, block):
+                    layers.append(attention(ch, no_self_attn=no_self_attn))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample)))
+                down = resblock(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample)
+                self.input_blocks.append(TimestepEmbedSequential(down))
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), attention(ch), resblock(ch, ch))
+        middle_attention = attention(ch, no_self_attn=disable_middle_self_attn)
+        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), middle_attention, resblock(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
+            no_self_attn = bool(disable_self_attentions[level]) if disable_self_attentions else False
             for i in range(num_res_blocks + 1):
                 layers = [resblock(ch + skip_channels.pop(), model_channels * mult)]
                 ch = model_channels * mult
-                if ds in attention_resolutions:
-                    layers.append(attention(ch))
+                if has_attention(ds, level, i):
+                    layers.append(attention(ch, decoder=True, no_self_attn=no_self_attn))
                 if level and i == num_res_blocks:
-                    layers.append(Upsample(ch, conv_resample))
+                    up = resblock(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample)
+                    layers.append(up)
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
@@ -231,12 +315,7 @@ class UNetModel(nn.Module):
             params.pop("num_heads_upsample", None)
         unsupported_defaults = {
             "dims": 2,
-            "use_scale_shift_norm": False,
-            "resblock_updown": False,
-            "use_new_attention_order": False,
             "n_embed": None,
-            "disable_self_attentions": None,
-            "num_attention_blocks": None,
             "adm_in_channels": None,
         }
         for key, default in unsupported_defaults.items():

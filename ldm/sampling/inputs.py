@@ -1,55 +1,59 @@
 """User inputs of sample.py read from disk: images, masks, segmentation maps, prompt files.
 
 Images become float (1, 3, H, W) in [-1, 1]; masks (1, 1, H, W) in {0, 1} with 1 = pixels to generate
-(the batch "mask" contract, white in the PNG); segmentation maps int64 (1, H, W) of class ids.
+(the batch "mask" contract, white in the PNG); segmentation maps int64 (1, H, W) of class ids. All are
+decoded by `ldm.data.images` exactly as training decodes shards (EXIF orientation applied, transparency
+on white, at least 8 px per side) and prompt files by `ldm.data.text` (UTF-8, else cp1252, warned).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from ldm.data.images import ImageDecodeError, decode_image, decode_mask, decode_segmap
+from ldm.data.text import read_text_file
 from ldm.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-def _open(path: str | os.PathLike | None, option: str, task: str) -> Image.Image:
-    """The decoded PIL image at `path`, or a UserError naming the option and the problem."""
+def _decode(decoder: Callable[..., Any], path: str | os.PathLike | None, option: str, task: str) -> Any:
+    """`decoder(path)` from ldm.data.images, or a UserError naming the option and the problem."""
     if path in (None, ""):
         raise UserError(f"task={task} needs {option}=<path to a PNG or JPEG>.")
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise UserError(f"{option}={path}: no such file (relative paths are from {Path.cwd()}).")
     try:
-        with Image.open(p) as img:
-            img.load()  # decode now: truncated files fail here, not halfway through sampling
-            return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{option}={path} is not a readable image ({type(e).__name__}: {e}).") from None
+        return decoder(p, f"{option}={path}")
+    except ImageDecodeError as e:
+        raise UserError(f"{e}.") from None
 
 
 def load_image(path: str | os.PathLike | None, option: str = "image", task: str = "img2img") -> Tensor:
-    """RGB image -> (1, 3, H, W) float in [-1, 1] (alpha dropped, grayscale expanded)."""
-    img = _open(path, option, task).convert("RGB")
+    """RGB image -> (1, 3, H, W) float in [-1, 1] (upright, transparency on white, grey expanded)."""
+    img = _decode(decode_image, path, option, task)
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
     return (x / 127.5 - 1.0)[None]
 
 
 def load_mask(path: str | os.PathLike | None, size: Sequence[int], task: str = "inpaint") -> Tensor:
-    """Grayscale mask -> (1, 1, H, W) in {0, 1}, white (>= 128) = generate; resized to `size` (warns)."""
-    img = _open(path, "mask", task)
-    gray = img.getchannel("A") if img.mode in ("LA", "RGBA") and _alpha_only(img) else img.convert("L")
-    mask = torch.from_numpy(np.asarray(gray, dtype=np.uint8).copy()).float()[None, None] / 255.0
+    """Mask -> (1, 1, H, W) in {0, 1}, white = generate; resized (nearest) to `size` with a warning.
+
+    Alpha is the mask only when it varies (opaque = generate); otherwise luminance, so an opaque black
+    RGBA mask keeps everything. Grey pixels are thresholded at 128 with one warning
+    (`ldm.data.images.decode_mask`).
+    """
+    mask = torch.from_numpy(_decode(decode_mask, path, "mask", task))[None, None]
     h, w = int(size[0]), int(size[1])
     if tuple(mask.shape[-2:]) != (h, w):
         log.warning(
@@ -61,29 +65,12 @@ def load_mask(path: str | os.PathLike | None, size: Sequence[int], task: str = "
             h,
         )
         mask = F.interpolate(mask, size=(h, w), mode="nearest")
-    return (mask >= 0.5).float()
-
-
-def _alpha_only(img: Image.Image) -> bool:
-    """A mask drawn as transparency on a flat colour: use the alpha channel (transparent = keep)."""
-    rgb = np.asarray(img.convert("RGB"))
-    return bool((rgb == rgb.reshape(-1, 3)[0]).all())
+    return mask
 
 
 def load_segmap(path: str | os.PathLike | None, task: str = "semantic") -> Tensor:
-    """Segmentation map PNG of class ids (grayscale or palette) -> int64 (1, H, W)."""
-    img = _open(path, "segmap", task)
-    if img.mode in ("L", "P", "I", "I;16"):
-        ids = np.asarray(img).astype(np.int64)
-    else:
-        rgb = np.asarray(img.convert("RGB")).astype(np.int64)
-        if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
-            raise UserError(
-                f"segmap={path} is a colour image ({img.mode}); save the class ids as a grayscale (L) or "
-                "palette (P) PNG where each pixel value is its class id."
-            )
-        ids = rgb[..., 0]
-    return torch.from_numpy(ids.copy())[None]
+    """Segmentation map PNG of class ids (grayscale or palette indices) -> int64 (1, H, W)."""
+    return torch.from_numpy(_decode(decode_segmap, path, "segmap", task))[None]
 
 
 def read_prompts(prompt: Any, prompt_file: str | os.PathLike | None, task: str, required: bool) -> list[str]:
@@ -94,7 +81,7 @@ def read_prompts(prompt: Any, prompt_file: str | os.PathLike | None, task: str, 
         p = Path(str(prompt_file)).expanduser()
         if not p.is_file():
             raise UserError(f"prompt_file={prompt_file}: no such file (one prompt per line).")
-        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in read_text_file(p).splitlines() if line.strip()]
         if not prompts:
             raise UserError(f"prompt_file={prompt_file} holds no prompts (one prompt per non-empty line).")
         return prompts

@@ -54,6 +54,8 @@ def supported_tasks(input_keys: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The sample.py tasks a model whose conditioner reads `input_keys` can run."""
     if not input_keys:
         return ("uncond",)
+    if "lowres" in input_keys:  # a text-guided upscaler (SD x4): the prompt only steers the upscaling
+        return ("superres",)
     tasks = [t for key in input_keys for t in TASKS_BY_INPUT.get(key, ())]
     return tuple(dict.fromkeys(tasks))
 

@@ -38,33 +38,29 @@ def image_parameters(job: Job, index: int, seed: int, run: Mapping[str, Any]) ->
     }
 
 
-def write_outputs(
-    out_dir: str | Path,
+def make_record(
     result: Result,
     job: Job,
     loaded: LoadedModel,
     run: Mapping[str, Any],  # sampling settings: sampler, steps, cfg_scale, ... (JSON-able)
     config: Mapping[str, Any] | None = None,  # the resolved sample.py config
     timings: Mapping[str, float] | None = None,
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Write the PNGs, grid.png and run.json into `out_dir`; returns the run record."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """The run record (what run.json holds): settings, per-image seeds/prompts/labels, timings."""
     run = {**run, "checkpoint": str(loaded.path), "used_ema": loaded.used_ema}
     entries = []
-    for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
+    for i, seed in enumerate(result.seeds):
         params = image_parameters(job, i, seed, run)
-        save_png(image, out / image_name(i, seed), {PARAMETERS_KEY: json.dumps(params, default=str)})
         entries.append(
             {
                 "file": image_name(i, seed),
                 **{k: params[k] for k in ("seed", "prompt", "label") if k in params},
             }
         )
-    save_png(make_grid(result.images), out / GRID_NAME, {PARAMETERS_KEY: json.dumps(run, default=str)})
-    record = {
+    return {
         "task": job.params.get("task"),
-        "out_dir": str(out.resolve()),
+        "out_dir": str(Path(out_dir).resolve()) if out_dir is not None else None,
         "checkpoint": loaded.describe(),
         "parameters": dict(run),
         "task_parameters": job.params,
@@ -81,5 +77,15 @@ def write_outputs(
         },
         "config": dict(config or {}),
     }
+
+
+def write_outputs(out_dir: str | Path, result: Result, job: Job, record: Mapping[str, Any]) -> None:
+    """Write one PNG per image (its parameters in the PNG text), grid.png and run.json into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = record["parameters"]
+    for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
+        params = image_parameters(job, i, seed, run)
+        save_png(image, out / image_name(i, seed), {PARAMETERS_KEY: json.dumps(params, default=str)})
+    save_png(make_grid(result.images), out / GRID_NAME, {PARAMETERS_KEY: json.dumps(run, default=str)})
     (out / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    return record

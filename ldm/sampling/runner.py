@@ -42,10 +42,20 @@ class Settings:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise UserError(f"precision={self.precision}: use one of {', '.join(PRECISIONS)}.")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size={self.batch_size}: must be >= 1.")
-        if self.cfg_scale < 0:
-            raise UserError(f"cfg_scale={self.cfg_scale}: must be >= 0 (1 = no guidance).")
+        if not _whole(self.batch_size) or self.batch_size < 1:
+            raise UserError(f"batch_size={self.batch_size}: must be a whole number >= 1.")
+        if not _whole(self.seed):
+            raise UserError(f"seed={self.seed}: must be a whole number (image i uses seed + i).")
+        if not _number(self.cfg_scale) or not self.cfg_scale >= 0:  # `not >=` also catches NaN
+            raise UserError(f"cfg_scale={self.cfg_scale}: must be a number >= 0 (1 = no guidance).")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -74,9 +84,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def prepare(loaded: LoadedModel, device: torch.device, compile_unet: bool = False) -> None:
     """Move the model to `device`; optionally torch.compile the UNet (first batch then compiles)."""
-    loaded.module.to(device)
+    loaded.model.to(device)
     if compile_unet:
-        loaded.module.unet = torch.compile(loaded.module.unet)
+        loaded.model.unet = torch.compile(loaded.model.unet)
 
 
 def has_guidance(module: Any) -> bool:
@@ -107,7 +117,7 @@ def batches(n: int, batch_size: int) -> Iterator[list[int]]:
 @torch.no_grad()
 def run_job(loaded: LoadedModel, job: Job, settings: Settings) -> Result:
     """Sample every image of `job`; returns decoded images, latents, seeds and timings."""
-    module, device = loaded.module, settings.device
+    module, device = loaded.model, settings.device
     f = module.first_stage.downsample_factor
     latent_hw = (job.size[0] // f, job.size[1] // f)
     timings = {"encode_s": 0.0, "sample_s": 0.0, "decode_s": 0.0}
@@ -136,7 +146,7 @@ def run_job(loaded: LoadedModel, job: Job, settings: Settings) -> Result:
         for idx in batches(len(job), settings.batch_size):
             b = len(idx)
             start = time.perf_counter()
-            cond, uncond = _conditioning(module, job, idx, latent_hw, device, guided)
+            cond, uncond = _conditioning(module, job, idx, seeds, latent_hw, device, guided)
             timings["encode_s"] += time.perf_counter() - start
 
             start = time.perf_counter()
@@ -185,10 +195,17 @@ def _advance(bar: tqdm) -> Callable[[dict[str, Any]], None]:
 
 
 def _conditioning(
-    module: Any, job: Job, idx: list[int], latent_hw: tuple[int, int], device: torch.device, guided: bool
+    module: Any,
+    job: Job,
+    idx: list[int],
+    seeds: list[int],
+    latent_hw: tuple[int, int],
+    device: torch.device,
+    guided: bool,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(cond, uncond) UNet kwargs for images `idx`; a negative prompt replaces the null text context."""
     conditioner, inputs = module.conditioner, job.inputs(idx)
+    inputs.update(seeded_noise(conditioner, job, idx, seeds, latent_hw, device))
     kw = {"batch_size": len(idx), "device": device, "encode_fn": module.encode_fn, "latent_size": latent_hw}
     cond, uncond = conditioner.encode_with_null(inputs, null=guided, **kw)
     if guided and job.negative_prompt and "caption" in conditioner.input_keys:
@@ -197,3 +214,27 @@ def _conditioning(
         )
         uncond["context"] = negative["context"]
     return cond, uncond
+
+
+NOISE_SEED_OFFSET = 0x5EED  # a conditioner's noise must not repeat the image's initial latent noise
+
+
+def seeded_noise(
+    conditioner: Any,
+    job: Job,
+    idx: list[int],
+    seeds: list[int],
+    latent_hw: tuple[int, int],
+    device: torch.device,
+) -> dict[str, Tensor]:
+    """Per-image noise for conditioners that draw some (`noise_key`, e.g. the x4 upscaler's low-res
+    augmentation), from each image's seed: the same image whatever the batch size."""
+    out: dict[str, Tensor] = {}
+    for c in conditioner.conditioners.values():
+        key = getattr(c, "noise_key", None)
+        if key is None or key in job.shared:
+            continue
+        shape = (int(c.out_dim), *latent_hw)
+        gens = [torch.Generator().manual_seed(seeds[i] + NOISE_SEED_OFFSET) for i in idx]
+        out[key] = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    return out

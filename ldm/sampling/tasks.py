@@ -65,13 +65,14 @@ class Task:
 
     @staticmethod
     def factor(model: LoadedModel) -> int:
-        return int(model.module.first_stage.downsample_factor)
+        return int(model.model.first_stage.downsample_factor)
 
     def size(self, model: LoadedModel, height: int | None, width: int | None) -> tuple[int, int]:
         """height/width options, else the training resolution of the model."""
         f = self.factor(model)
-        side = model.image_size or FALLBACK_LATENT_SIDE * f
-        return check_size(height or side, width or side, f)
+        native = model.image_size or FALLBACK_LATENT_SIDE * f
+        native_h, native_w = native if isinstance(native, (tuple, list)) else (native, native)
+        return check_size(height or native_h, width or native_w, f)
 
     def per_image(self, model: LoadedModel, n: int) -> list[dict[str, Any]]:
         """n images per prompt (prompt-major) for text models; n empty entries otherwise."""
@@ -329,9 +330,16 @@ def extend_canvas(image: Tensor, pad: Sequence[int], multiple: int) -> tuple[Ten
 class SuperRes(Task):
     """Super-resolution (LDM Sec. 4.4): a low-res `image` upscaled by the model's factor."""
 
-    def __init__(self, name: str = "superres", image: str | None = None, **prompts: Any) -> None:
+    def __init__(
+        self,
+        name: str = "superres",
+        image: str | None = None,
+        noise_level: int | None = None,  # noise-augmented upscalers (SD x4): the low-res image's level
+        **prompts: Any,
+    ) -> None:
         super().__init__(name, **prompts)
         self.image = image
+        self.noise_level = noise_level
 
     def build(
         self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
@@ -343,7 +351,7 @@ class SuperRes(Task):
             )
         lowres = load_image(self.image, "image", self.name)
         conditioner = next(
-            c for c in model.module.conditioner.conditioners.values() if "lowres" in c.input_keys
+            c for c in model.model.conditioner.conditioners.values() if "lowres" in c.input_keys
         )
         f = self.factor(model)
         upscale = float(getattr(conditioner, "upscale", 1.0))
@@ -352,13 +360,18 @@ class SuperRes(Task):
         )
         size = (round(base[0] * upscale) * f, round(base[1] * upscale) * f)
         factor = size[0] / lowres.shape[-2]
-        return self.job(
-            model,
-            size,
-            self.per_image(model, n),
-            shared={"lowres": lowres},
-            params={"image": str(self.image), "upscale": factor},
-        )
+        shared: dict[str, Any] = {"lowres": lowres}
+        params: dict[str, Any] = {"image": str(self.image), "upscale": factor}
+        if hasattr(conditioner, "noise_level"):  # SD x4: the augmentation level it was conditioned on
+            level = conditioner.noise_level if self.noise_level is None else int(self.noise_level)
+            shared["noise_level"] = params["noise_level"] = level
+        elif self.noise_level is not None:
+            log.warning(
+                "noise_level=%s: %s has no noise-augmented low-res input; ignored",
+                self.noise_level,
+                model.path,
+            )
+        return self.job(model, size, self.per_image(model, n), shared=shared, params=params)
 
 
 class Semantic(Task):

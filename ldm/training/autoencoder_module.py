@@ -20,8 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ldm.errors import UserError
+from ldm.errors import TrainingDiverged, UserError
 from ldm.models.autoencoder import VQModel
+from ldm.training.resume_check import check_resume_state
 
 
 class LinearWarmup:
@@ -90,7 +91,7 @@ class AutoencoderModule(pl.LightningModule):
 
     def _check_finite(self, loss: Tensor, which: str, step: int) -> None:
         if not torch.isfinite(loss).item():
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"non-finite {which} loss ({loss.item()}) at global step {step}: lower the learning rate, "
                 "check the data for NaN/inf pixels, or restart from the last checkpoint."
             )
@@ -157,6 +158,9 @@ class AutoencoderModule(pl.LightningModule):
         )
 
     # -- optimizers ------------------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_resume_state(self, checkpoint)  # one line when ckpt_path is another model's checkpoint
+
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[LambdaLR]]:
         hp = self.hparams
         discriminator = getattr(self.loss, "discriminator", None)

@@ -1,19 +1,23 @@
-"""Lightning callbacks: image grids, safetensors export, graceful interrupt."""
+"""Lightning callbacks: run start, checkpoints, image grids, safetensors export, progress, interrupt."""
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ldm.interop.checkpoint import save_safetensors
-from ldm.training.images import make_grid, save_png
+from ldm.interop.checkpoint import atomic_path, save_safetensors
+from ldm.training.images import describe_images, make_grid, save_png
+from ldm.training.runtime import find_user_error, leave_rank_error, mark_latest
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,12 @@ class ImageLogger(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         batch = getattr(pl_module, "last_batch", None)
-        if batch is not None and trainer.global_step != self._last_step:
-            self.log_now(trainer, pl_module, batch, split="train")
+        if self.every_n_steps <= 0 or batch is None or trainer.global_step == self._last_step:
+            return  # every_n_steps=0 turns the grids off, the final ones included
+        for callback in trainer.callbacks:  # the export first: the grids take a while and are optional
+            if isinstance(callback, ExportSafetensors):
+                callback.export(trainer, pl_module)
+        self.log_now(trainer, pl_module, batch, split="train")
 
     @torch.no_grad()
     def log_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, split: str) -> None:
@@ -50,12 +58,18 @@ class ImageLogger(pl.Callback):
             images = pl_module.log_images(batch, max_images=self.max_images)
         finally:
             pl_module.train(was_training)
-        self._write(trainer, images, split)
+        shown = getattr(pl_module, "last_batch", None) or batch  # what the module rendered the grids from
+        self._write(trainer, images, split, describe_images(shown, self.max_images))
 
     @rank_zero_only
-    def _write(self, trainer: pl.Trainer, images: dict[str, torch.Tensor], split: str) -> None:
+    def _write(
+        self, trainer: pl.Trainer, images: dict[str, torch.Tensor], split: str, captions: list[dict]
+    ) -> None:
         step = trainer.global_step
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if captions:  # which prompt / label each grid cell had, in grid order (row by row)
+            with atomic_path(self.out_dir / f"{split}_step{step:06d}.json") as tmp:
+                tmp.write_text(json.dumps({"step": step, "images": captions}, indent=1) + "\n")
         for name, tensor in images.items():
             grid = make_grid(tensor.detach().float().cpu())
             path = self.out_dir / f"{split}_{name}_step{step:06d}.png"
@@ -84,6 +98,7 @@ class ExportSafetensors(pl.Callback):
     def __init__(self, path: str = "model.safetensors") -> None:
         self.path = Path(path)
         self.config: dict | None = None
+        self._exported_step = -1
 
     def set_run_config(self, config: dict) -> None:
         """The resolved run config as plain containers (JSON metadata; weights_only-loadable checkpoints)."""
@@ -102,10 +117,14 @@ class ExportSafetensors(pl.Callback):
         return extend(self.config) if (extend is not None and self.config is not None) else self.config
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the export of the current step (once: the final grids and on_train_end both ask)."""
+        if self._exported_step == trainer.global_step:
+            return
         state = pl_module.export_state_dict()  # every rank (FSDP gathers); rank zero writes
         if trainer.is_global_zero:
             save_safetensors(state, self.path, self._config_for(pl_module))
             log.info("exported %d tensors to %s", len(state), self.path)
+        self._exported_step = trainer.global_step
 
 
 class GracefulInterrupt(pl.Callback):
@@ -140,9 +159,9 @@ class GracefulInterrupt(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
     ):
-        # ModelCheckpoint rewrites last.ckpt only at its periodic saves; write it at the final step as well,
-        # so `ckpt_path=last` continues a finished run (e.g. with a larger max_steps) from where it ended.
-        if 0 < trainer.max_steps <= trainer.global_step:
+        # `ckpt_path=last` continues a finished run (e.g. with a larger max_steps) from its final step:
+        # RunCheckpoint writes last.ckpt then; only without one (a config that dropped it) do we.
+        if 0 < trainer.max_steps <= trainer.global_step and _last_checkpoint_owner(trainer) is None:
             trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -154,8 +173,12 @@ class GracefulInterrupt(pl.Callback):
         self._restore()
         if not isinstance(exception, SIGTERMException):
             return
-        path = self.ckpt_dir / "last.ckpt"
-        trainer.save_checkpoint(path)
+        owner = _last_checkpoint_owner(trainer)
+        if owner is not None:
+            path = owner.save_last_now(trainer, force=True)
+        else:
+            path = self.ckpt_dir / "last.ckpt"
+            trainer.save_checkpoint(path)
         for cb in trainer.callbacks:
             if isinstance(cb, ExportSafetensors):
                 cb.export(trainer, pl_module)
@@ -166,3 +189,108 @@ class GracefulInterrupt(pl.Callback):
         if self._previous_handler is not None:
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint as the one writer of `last.ckpt`.
+
+    Besides its periodic saves it writes `last.ckpt` at the final step (a finished run resumes from where
+    it ended) and, through `GracefulInterrupt`, on SIGTERM/Ctrl-C. A second writer of the same name made
+    Lightning version its next save (`last-v1.ckpt`) in runs shorter than the periodic interval.
+    """
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self.save_last_now(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save_last_now(trainer)  # runs that end otherwise (max_epochs, max_time): their last state
+
+    def save_last_now(self, trainer: pl.Trainer, force: bool = False) -> Path:
+        """Write `last.ckpt` for the current step unless this callback already saved this step (`force`:
+        also then, e.g. on SIGTERM, when the state is that of the whole step, after its batch-end hooks)."""
+        if not self.save_last or trainer.sanity_checking or trainer.fast_dev_run:
+            return self._last_path()
+        if force or not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return self._last_path()
+
+    def _last_path(self) -> Path:
+        return Path(self.last_model_path or Path(self.dirpath or ".") / f"{self.CHECKPOINT_NAME_LAST}.ckpt")
+
+
+def _last_checkpoint_owner(trainer: pl.Trainer) -> RunCheckpoint | None:
+    owners = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, RunCheckpoint) and cb.save_last]
+    return owners[0] if owners else None
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The tqdm bar in optimisation steps (`step 120/1000`): runs are sized in steps, not epochs, and with
+    `max_epochs=-1` Lightning's epoch bar read `Epoch 173/-2`."""
+
+    @property
+    def train_description(self) -> str:
+        return "step"
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.total = trainer.max_steps if trainer.max_steps > 0 else None
+        bar.n = bar.last_print_n = bar.initial = trainer.global_step  # a resumed run starts where it was
+        bar.start_t = bar.last_print_t = bar._time()
+        bar.set_description(self.step_description(trainer))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        bar = self.train_progress_bar
+        if bar is None or bar.disable or not self._should_update(trainer.global_step, bar.total):
+            return
+        bar.n = trainer.global_step
+        bar.set_description(self.step_description(trainer), refresh=False)
+        bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes
+
+    @staticmethod
+    def step_description(trainer: pl.Trainer) -> str:
+        limit = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
+        return f"step {trainer.global_step}{limit}"
+
+
+class RunLifecycle(pl.Callback):
+    """What waits until training really began, and what a failing rank leaves for rank zero.
+
+    At `on_train_start` (data checked, model set up, checkpoint restored): the loggers are attached, so a
+    start that fails leaves no W&B/TensorBoard folder; rank zero points `<runs_dir>/latest` at this run, so
+    a failed start keeps `latest` (and `ckpt_path=last`) on the previous run. On an exception, a rank > 0
+    writes its `UserError` to `<run_dir>/.rank<k>.error`, which rank zero prints instead of the collective
+    error (gloo/NCCL) the lost peer causes there. `train.py` puts this callback first in the list.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        runs_dir: str | Path,
+        make_loggers: Callable[[], list] | None = None,
+    ) -> None:
+        self.run_dir, self.runs_dir = Path(run_dir), Path(runs_dir)
+        self.make_loggers = make_loggers
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.make_loggers is not None and not trainer.loggers:
+            from pytorch_lightning.loggers.utilities import _log_hyperparams
+
+            trainer.loggers = self.make_loggers()
+            _log_hyperparams(trainer)  # what Trainer.fit does before setup when loggers are given up front
+        if trainer.is_global_zero:
+            mark_latest(self.run_dir, self.runs_dir)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        error = find_user_error(exception)
+        if error is not None and trainer.global_rank > 0:
+            leave_rank_error(self.run_dir, trainer.global_rank, str(error))

@@ -12,16 +12,16 @@ from torch import Tensor, nn
 
 from ldm.conditioning.conditioner import Conditioner
 from ldm.diffusion.loss import DiffusionLoss
-from ldm.errors import UserError
+from ldm.errors import TrainingDiverged, UserError
 from ldm.interop.checkpoint import load_state_dict, strip_prefix
 from ldm.models.first_stage import LatentCodec, weights_identity
+from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.modules.ema import EMA
-from ldm.samplers.generate import generate_latents
 from ldm.samplers.sigmas import StepSchedule
 from ldm.training.optim import build_adamw
+from ldm.training.resume_check import check_resume_state
 
 log = logging.getLogger(__name__)
-LATENT_KEYS = ("latent_mean", "latent_logvar")
 
 
 class LatentDiffusionModule(pl.LightningModule):
@@ -43,37 +43,36 @@ class LatentDiffusionModule(pl.LightningModule):
         preview_steps: int = 25,
         preview_cfg_scale: float = 3.0,
         init_from: str | None = None,  # fine-tune: start from these weights (export, .ckpt or SD v1 file)
+        refit_scale_factor: bool = False,  # with init_from: fit the latent scale anew instead of the file's
         sample_posterior: bool = True,  # KL first stage: a posterior draw per step (CompVis), or its mean
     ) -> None:
         super().__init__()
-        self.unet = unet
-        self.conditioner = conditioner
-        self.first_stage = first_stage
-        self.loss = loss
+        self.model = LatentDiffusion(unet, conditioner, first_stage, loss, sample_posterior=sample_posterior)
         self.optim = dict(optim)
         self.sampler = sampler
-        # Lin et al. 2024: a zero-terminal-SNR model's previews start from its pure-noise step (trailing).
-        spacing = "trailing" if getattr(loss.schedule, "zero_terminal_snr", False) else "leading"
-        self.preview_steps = StepSchedule(steps=preview_steps, spacing=spacing)
+        self.preview_steps = StepSchedule(steps=preview_steps, spacing=self.model.default_spacing)
         self.preview_cfg_scale = preview_cfg_scale
-        self.sample_posterior = bool(sample_posterior)
-        unet_cfg = getattr(unet, "config", None) or {}
-        conditioner.check_unet(
-            context_dim=getattr(unet, "context_dim", unet_cfg.get("context_dim")),
-            in_channels=getattr(unet, "in_channels", unet_cfg.get("in_channels")),
-            latent_channels=first_stage.latent_channels,
-            num_classes=getattr(unet, "num_classes", unet_cfg.get("num_classes")),
-        )
         if init_from:
-            self._init_weights(init_from)
-        self.ema = EMA(self, decay=ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
+            self._init_weights(init_from, refit_scale_factor)
+        self.ema = EMA(self.model, decay=ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
         self._fixed_batch: dict[str, Any] | None = None
         self._backup: list[Tensor] | None = None
         self._base_seed = 0
 
-    def _init_weights(self, path: str) -> None:
-        """Load UNet (+ trainable conditioner) weights for fine-tuning; EMA then starts from them."""
+    # The pieces, for reading (the plain model owns them; its names are the export's, without `model.`).
+    unet = property(lambda self: self.model.unet)
+    conditioner = property(lambda self: self.model.conditioner)
+    first_stage = property(lambda self: self.model.first_stage)
+    loss = property(lambda self: self.model.loss)
+    encode_fn = property(lambda self: self.model.encode_fn)
+
+    def _init_weights(self, path: str, refit_scale: bool = False) -> None:
+        """Load UNet (+ trainable conditioner) weights for fine-tuning; EMA then starts from them.
+
+        The file's latent scale_factor comes along: the UNet was trained on latents scaled by it, so a
+        re-fitted value (0.18215 became 3.43 on other data) would feed it differently scaled inputs."""
         state, _ = load_state_dict(path, what="model.init_from")
+        self._carry_scale(path, state, refit_scale)
         unet = strip_prefix(state, "model.diffusion_model.") or strip_prefix(state, "unet.")
         if not unet:
             raise UserError(
@@ -89,49 +88,47 @@ class LatentDiffusionModule(pl.LightningModule):
             self.conditioner.load_state_dict(conditioner, strict=False)
         log.info("initialised %d UNet tensors from %s", len(unet), path)
 
-    # ---- the denoising network as the loss and samplers call it -------------------------------------
-
-    def net(self, x: Tensor, t: Tensor, context: Tensor | None = None, concat: Tensor | None = None, y=None):
-        """UNet(x_t ++ concat, t, context, y): concat conditions join the latent along channels."""
-        if concat is not None:
-            x = torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, C_latent + C_concat, h, w)
-        return self.unet(x, t, context=context, y=y)
-
-    def encode_fn(self, pixels: Tensor) -> Tensor:
-        return self.first_stage.encode_pixels(pixels, sample=False)
-
-    def latents(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
-        """Scaled latents of a batch: from cached posterior moments, or by encoding `image`."""
-        if all(k in batch for k in LATENT_KEYS):
-            unscaled = batch["latent_mean"].float()
-            if self.sample_posterior:
-                noise = torch.randn(unscaled.shape, generator=generator, device=unscaled.device)
-                unscaled = unscaled + (0.5 * batch["latent_logvar"].float()).exp() * noise
-        elif "latent" in batch:
-            unscaled = batch["latent"].float()
-        elif "image" in batch:
-            unscaled = self.first_stage.encode_unscaled(
-                batch["image"], sample=self.sample_posterior, generator=generator
+    def _carry_scale(self, path: str, state: Mapping[str, Tensor], refit: bool) -> None:
+        stored = state.get("scale_factor", state.get("first_stage.scale_factor"))
+        if stored is None or not torch.isfinite(stored.float()).all():
+            return
+        value, codec = float(stored), self.model.first_stage
+        if refit:
+            log.warning(
+                "model.refit_scale_factor=true: the latent scale is fitted anew although %s was trained with "
+                "scale_factor=%.5f; its UNet then sees differently scaled latents",
+                path,
+                value,
+            )
+            codec.scale_factor.fill_(float("nan"))
+        elif codec.scale_known and abs(float(codec.scale_factor) - value) > 1e-6 * abs(value):
+            log.warning(
+                "model.first_stage.scale_factor=%.5f overrides the %.5f that %s was trained with",
+                float(codec.scale_factor),
+                value,
+                path,
             )
         else:
-            raise UserError(f"batch has neither 'image' nor latent keys {LATENT_KEYS}; got {sorted(batch)}")
-        if not self.first_stage.scale_known:
-            value = self.first_stage.fit_scale(unscaled)
-            value = (
-                float(self.trainer.strategy.broadcast(torch.tensor(value), src=0)) if self._trainer else value
-            )
-            self.first_stage.scale_factor.fill_(value)
-            log.info("latent scale_factor = %.5f (1/std of the first batch's latents)", value)
-        return self.first_stage.scale(unscaled)
+            codec.scale_factor.fill_(value)
+            log.info("latent scale_factor = %.5f, from %s", value, path)
+
+    def net(self, x: Tensor, t: Tensor, context: Tensor | None = None, concat: Tensor | None = None, y=None):
+        return self.model.net(x, t, context=context, concat=concat, y=y)
+
+    def latents(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """Scaled latents of a batch (see LatentDiffusion.latents); an unset scale is fitted on rank 0."""
+        return self.model.latents(batch, generator, fit_scale=self._broadcast_scale)
+
+    def _broadcast_scale(self, value: float) -> float:
+        if self._trainer:
+            value = float(self.trainer.strategy.broadcast(torch.tensor(value), src=0))
+        log.info("latent scale_factor = %.5f (1/std of the first batch's latents)", value)
+        return value
 
     # ---- training ---------------------------------------------------------------------------------
 
     def _step(self, batch: Mapping[str, Any], train: bool, generator: torch.Generator) -> tuple[Tensor, dict]:
-        z = self.latents(batch, generator)
-        cond = self.conditioner(
-            batch, train=train, generator=generator, encode_fn=self.encode_fn, latent_size=tuple(z.shape[-2:])
-        )
-        return self.loss(self.net, z, cond, generator=generator)
+        return self.model.training_loss(batch, train, generator, fit_scale=self._broadcast_scale)
 
     def _generator(self, *parts: int) -> torch.Generator:
         """All step randomness (t, noise, posterior sample, condition dropout) from (seed, step, rank):
@@ -155,7 +152,7 @@ class LatentDiffusionModule(pl.LightningModule):
         )
         loss, logs = self._step(batch, train=True, generator=gen)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}: lower optim.lr, "
                 "check the data, or resume from the last good checkpoint with ckpt_path=last."
             )
@@ -172,7 +169,7 @@ class LatentDiffusionModule(pl.LightningModule):
         # in on_train_batch_end: checkpoint callbacks run before the module's batch-end hook, so a step-N
         # checkpoint would hold the EMA of step N-1 and every resume would drop one EMA update.
         if self.ema is not None:
-            self.ema.update(self)
+            self.ema.update(self.model)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # Fixed t and noise per batch index: the validation loss is comparable from one check to the next.
@@ -186,13 +183,13 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         if self.ema is not None:  # validate the EMA weights (what we export and sample from)
-            self._backup = [p.detach().clone() for p, _ in self.ema._pairs(self)]
-            self.ema.copy_to(self)
+            self._backup = [p.detach().clone() for p, _ in self.ema._pairs(self.model)]
+            self.ema.copy_to(self.model)
 
     def on_validation_epoch_end(self) -> None:
         if self.ema is not None and self._backup is not None:
             with torch.no_grad():
-                for (p, _), saved in zip(self.ema._pairs(self), self._backup):
+                for (p, _), saved in zip(self.ema._pairs(self.model), self._backup):
                     p.copy_(saved)
             self._backup = None
 
@@ -200,7 +197,14 @@ class LatentDiffusionModule(pl.LightningModule):
         # Saved mid-validation (e.g. SIGTERM): store the training weights, not the EMA weights swapped in.
         if self.ema is not None and self._backup is not None:
             for name, saved in zip(self.ema._names, self._backup):
-                checkpoint["state_dict"][name] = saved.clone()
+                checkpoint["state_dict"]["model." + name] = saved.clone()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints of earlier versions held the pieces at the top level (unet.*, not model.unet.*).
+        state = checkpoint.get("state_dict") or {}
+        for key in [k for k in state if k.startswith(("unet.", "conditioner.", "first_stage.", "loss."))]:
+            state["model." + key] = state.pop(key)
+        check_resume_state(self, checkpoint)
 
     def configure_optimizers(self) -> dict:
         params = list(self.unet.parameters()) + self.conditioner.trainable_parameters()
@@ -209,7 +213,6 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # ---- previews and export ----------------------------------------------------------------------
 
-    @torch.no_grad()
     def sample(
         self,
         inputs: Mapping[str, Any],
@@ -219,43 +222,16 @@ class LatentDiffusionModule(pl.LightningModule):
         steps: StepSchedule | None = None,
         latent_size: tuple[int, int] | None = None,
     ) -> Tensor:
-        """Images in [-1,1] for raw conditioning inputs (prompts, labels, masked images...)."""
-        latent_hw = latent_size or self._latent_size(inputs)
-        cond, uncond = self.conditioner.encode_with_null(
-            inputs, batch_size=len(seeds), device=self.device, encode_fn=self.encode_fn, latent_size=latent_hw
-        )
-        z = generate_latents(
-            self.net,
-            self.loss.schedule.alphas_cumprod,
+        """Images in [-1,1] for raw conditioning inputs (the preview sampler and steps by default)."""
+        return self.model.sample(
+            inputs,
+            seeds,
+            cfg_scale,
             sampler=sampler or self.sampler,
             steps=steps or self.preview_steps,
-            shape=(self.first_stage.latent_channels, *latent_hw),
-            seeds=seeds,
-            cond=cond,
-            uncond=uncond if cfg_scale != 1.0 else None,
-            cfg_scale=cfg_scale,
-            parameterization=self.loss.parameterization,
+            latent_size=latent_size,
             device=self.device,
         )
-        return self.first_stage.decode(z).clamp(-1, 1)
-
-    def _latent_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
-        f = self.first_stage.downsample_factor
-        for key in ("image", "masked_image", "segmap"):
-            if key in batch and hasattr(batch[key], "shape"):
-                return batch[key].shape[-2] // f, batch[key].shape[-1] // f
-        if "latent_mean" in batch:
-            return tuple(batch["latent_mean"].shape[-2:])
-        if "lowres" in batch:  # SuperResConditioner.upscale = latent side / low-res side
-            up = self._sr_upscale()
-            return round(batch["lowres"].shape[-2] * up), round(batch["lowres"].shape[-1] * up)
-        raise UserError(f"cannot tell the latent size from a batch with keys {sorted(batch)}")
-
-    def _sr_upscale(self) -> float:
-        for c in self.conditioner.conditioners.values():
-            if hasattr(c, "upscale"):
-                return float(c.upscale)
-        return 1.0
 
     @property
     def last_batch(self) -> dict[str, Any] | None:
@@ -270,9 +246,9 @@ class LatentDiffusionModule(pl.LightningModule):
         n = min(max_images, _batch_len(fixed))
         inputs = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in inputs.items()}
         seeds = list(range(n))
-        size = self._latent_size(fixed)
+        size = self.model.latent_size(fixed)
         if self.ema is not None:
-            with self.ema.swapped_in(self):
+            with self.ema.swapped_in(self.model):
                 samples = self.sample(inputs, seeds, self.preview_cfg_scale, latent_size=size)
         else:
             samples = self.sample(inputs, seeds, self.preview_cfg_scale, latent_size=size)
@@ -288,25 +264,19 @@ class LatentDiffusionModule(pl.LightningModule):
         return out
 
     def export_config(self, config: dict) -> dict:
-        """Run config + the autoencoder's own config, so an export rebuilds without the stage-1 file."""
-        return {**config, "first_stage_autoencoder": self.first_stage.autoencoder_config}
+        """Run config + the autoencoder's own config (an export rebuilds without the stage-1 file) + the pixel
+        size training saw (`sample_size`, [H, W]: cached latents may be smaller than data.resolution)."""
+        out = {**config, "first_stage_autoencoder": self.first_stage.autoencoder_config}
+        if self._fixed_batch is not None:
+            h, w = self.model.latent_size(self._fixed_batch)
+            f = self.first_stage.downsample_factor
+            out["sample_size"] = [int(h) * f, int(w) * f]
+        return out
 
     def export_state_dict(self) -> dict[str, Tensor]:
         """CompVis layout with EMA weights in place: model.diffusion_model.*, first_stage_model.*, ..."""
-        state = self.ema.averaged_state(self) if self.ema is not None else dict(self.state_dict())
-        out: dict[str, Tensor] = {}
-        for key, value in state.items():
-            if key.startswith("ema."):
-                continue
-            if key.startswith("unet."):
-                out["model.diffusion_model." + key[5:]] = value
-            elif key.startswith("first_stage.autoencoder."):
-                out["first_stage_model." + key[len("first_stage.autoencoder.") :]] = value
-            elif key == "first_stage.scale_factor":
-                out["scale_factor"] = value
-            elif key.startswith("loss.") or key.startswith("conditioner."):
-                out[key] = value
-        return out
+        state = self.ema.averaged_state(self.model) if self.ema is not None else None
+        return self.model.export_state_dict(state)
 
 
 def _head(value: Any, n: int) -> Any:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,3 +45,21 @@ def save_png(image: torch.Tensor, path: str | Path, metadata: dict[str, str] | N
         info.add_text(key, str(value))
     Image.fromarray(to_uint8(image)).save(path, pnginfo=info)
     return path
+
+
+def describe_images(batch: Mapping[str, Any] | None, max_images: int) -> list[dict[str, Any]]:
+    """Per image of a preview grid (grid order), the batch's readable conditions: prompt, label, key.
+
+    Strings (captions, sample keys) and integer labels are kept; images, maps and embeddings are not.
+    """
+    if not batch:
+        return []
+    fields: dict[str, list] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            if value.ndim == 1 and not value.is_floating_point():
+                fields[key] = value[:max_images].tolist()
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            fields[key] = list(value[:max_images])
+    n = min((len(v) for v in fields.values()), default=0)
+    return [{key: values[i] for key, values in fields.items()} for i in range(n)]

@@ -1,0 +1,489 @@
+"""Checks of a composed train.py / sample.py config, run before anything heavy is built.
+
+The checks are declarative: `TRAIN_CHECKS` and `SAMPLE_CHECKS` list one `Check` per config key, each a
+small rule given that key's value and the whole config (for combinations). A rule returns None when the
+value is fine, or what is wrong and how to fix it; `run_checks` raises the first problem as one
+`UserError` line, `<key>=<value>: <problem>`. A new option gets checked by adding a row here. Keys a config
+does not have (another experiment, stage 1 vs stage 2) are skipped. Only omegaconf is imported, so a
+mistake fails in a second, before torch or Lightning load.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ldm.errors import UserError
+
+Rule = Callable[[str, Any, DictConfig], "str | None"]  # (key, value, whole config) -> problem or None
+_ABSENT = object()
+
+# What Lightning's Trainer(precision=...) accepts (lightning_fabric.plugins.precision.precision).
+TRAINER_PRECISIONS = (
+    "32-true", "32", 32, "16-mixed", "16", 16, "bf16-mixed", "bf16", "16-true", "bf16-true",
+    "64-true", "64", 64, "transformer-engine", "transformer-engine-float16",
+)  # fmt: skip
+SAMPLE_PRECISIONS = ("fp32", "bf16", "fp16")  # ldm.sampling.runner.PRECISIONS
+PARAMETERIZATIONS = ("eps", "v", "x0")
+# Task transforms that read data.keys "image": cached latents (data.latents=true) carry no image to give them.
+IMAGE_TASKS = (
+    "ldm.data.masks.InpaintingMask",
+    "ldm.data.masks.OutpaintingMask",
+    "ldm.data.degradations.SuperResolution",
+)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the repository's Hydra configs
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One rule about one config key (dotted path); the rule sees the whole config for combinations."""
+
+    key: str
+    rule: Rule
+    show: Callable[[Any], str] | None = None  # how the value is quoted in the message (default: as given)
+
+    def problem(self, cfg: DictConfig) -> str | None:
+        value = _select(cfg, self.key)
+        if value is _ABSENT:
+            return None
+        problem = self.rule(self.key, value, cfg)
+        if problem is None:
+            return None
+        return f"{self.key}={(self.show or _show)(value)}: {problem}"
+
+
+def run_checks(cfg: DictConfig, checks: Iterable[Check]) -> None:
+    """Raise the first problem any check finds as one UserError line."""
+    for check in checks:
+        problem = check.problem(cfg)
+        if problem is not None:
+            raise UserError(problem)
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Every train.py mistake the config alone shows (sizes, types, combinations, paths), as a UserError."""
+    run_checks(cfg, TRAIN_CHECKS)
+
+
+def check_sample_config(cfg: DictConfig) -> None:
+    """Every sample.py mistake the config alone shows, before the model loads, as a UserError."""
+    run_checks(cfg, SAMPLE_CHECKS)
+
+
+# --- reading values ---------------------------------------------------------------------------------------
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    """The resolved value at `key` as plain Python; _ABSENT when missing, `???` or not resolvable here."""
+    try:
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except OmegaConfBaseException:  # e.g. ${hydra:...} outside a Hydra run: not ours to judge
+        return _ABSENT
+    return value
+
+
+def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
+    value = _select(cfg, key)
+    return default if value is _ABSENT else value
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict) and "_target_" in value:
+        return str(value["_target_"])
+    return str(value)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --- rule builders ----------------------------------------------------------------------------------------
+
+
+def whole(
+    minimum: int | None = None,
+    what: str = "",
+    example: Any = None,
+    allow: Sequence[int] = (),
+    nullable: bool = False,
+) -> Rule:
+    """A whole number >= minimum (or one of `allow`, or null when nullable)."""
+
+    def rule(key: str, value: Any, cfg: DictConfig) -> str | None:
+        if (value is None and nullable) or (_is_whole(value) and value in allow):
+            return None
+        if _is_whole(value) and (minimum is None or value >= minimum):
+            return None
+        bound = "a whole number" if minimum is None else f"a whole number >= {minimum}"
+        extra = "".join(f" or {a}" for a in allow) + (" or null" if nullable else "")
+        return f"must be {bound}{extra}{f' ({what})' if what else ''}; e.g. {key}={example}."
+
+    return rule
+
+
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    what: str = "",
+    example: Any = None,
+    nullable: bool = False,
+) -> Rule:
+    """A finite number in [low, high] (each end optionally open), or null when nullable."""
+
+    def rule(key: str, value: Any, cfg: DictConfig) -> str | None:
+        if value is None and nullable:
+            return None
+        ok = _is_number(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if ok:
+            return None
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        if low is not None and high is not None:
+            bound = f"a number in {lo}, {hi}"
+        elif low is not None:
+            bound = f"a number {'>' if low_open else '>='} {low:g}"
+        else:
+            bound = "a number" if high is None else f"a number {'<' if high_open else '<='} {high:g}"
+        null = " or null" if nullable else ""
+        return f"must be {bound}{null}{f' ({what})' if what else ''}; e.g. {key}={example}."
+
+    return rule
+
+
+def one_of(choices: Sequence[Any], what: str = "") -> Rule:
+    def rule(key: str, value: Any, cfg: DictConfig) -> str | None:
+        if not isinstance(value, bool) and value in choices:
+            return None
+        shown = ", ".join(dict.fromkeys(str(c) for c in choices))
+        return f"use one of {shown}{f' ({what})' if what else ''}."
+
+    return rule
+
+
+def boolean(key: str, value: Any, cfg: DictConfig) -> str | None:
+    return None if isinstance(value, bool) else f"must be true or false; e.g. {key}=true."
+
+
+def existing_file(what: str, required: str | None = None) -> Rule:
+    """A path to an existing file (not a folder); null is fine unless `required` says how to set it."""
+
+    def rule(key: str, value: Any, cfg: DictConfig) -> str | None:
+        if value in (None, ""):
+            return None if required is None else required
+        path = Path(str(value)).expanduser()
+        if path.is_dir():
+            return f"is a folder; pass the {what} file inside it (e.g. {path / 'model.safetensors'})."
+        if not path.is_file():
+            return f"no such file (relative paths are from {Path.cwd()}); pass an existing {what} file."
+        return None
+
+    return rule
+
+
+def writable_dir(key: str, value: Any, cfg: DictConfig) -> str | None:
+    return None if value in (None, "") else dir_problem(str(value))
+
+
+def dir_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot become a writable folder (it or a parent is a file, read-only), or None."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        return "is an existing file, not a folder; pass a folder path (new or existing)."
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder; pass a path outside it."
+    try:  # what access() cannot tell (root on a read-only mount, /proc): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".ldm-write-check-", dir=parent))
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        return f"cannot create it in {parent} ({why}); pass a folder you can write to."
+    return None
+
+
+# --- combination rules: train.py --------------------------------------------------------------------------
+
+
+def _ch_mult_factor(config: Any) -> int | None:
+    """f = 2^(len(ch_mult) - 1) of an autoencoder config (a stage-1 model, or the model of a run config)."""
+    if not isinstance(config, dict):
+        return None
+    for candidate in (config.get("autoencoder"), config.get("first_stage"), config):
+        ddconfig = candidate.get("ddconfig") if isinstance(candidate, dict) else None
+        if isinstance(ddconfig, dict) and isinstance(ddconfig.get("ch_mult"), list) and ddconfig["ch_mult"]:
+            return 2 ** (len(ddconfig["ch_mult"]) - 1)
+    return None
+
+
+def _safetensors_config(path: Path) -> dict | None:
+    """The run config in a safetensors header (read without torch), or None."""
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:
+                return None
+            header = json.loads(f.read(size))
+        return json.loads(header.get("__metadata__", {}).get("config", "null"))
+    except (OSError, ValueError, struct.error, AttributeError):
+        return None
+
+
+def _first_stage_factor(cfg: DictConfig) -> tuple[int, str] | None:
+    """(f, where it comes from) of the autoencoder this run trains or uses; None when not known cheaply."""
+    factor = _ch_mult_factor(_get(cfg, "model"))
+    if factor is not None:
+        return factor, "model.autoencoder.ddconfig.ch_mult"
+    if _get(cfg, "model.first_stage._target_") is None:
+        return None
+    path = _get(cfg, "model.first_stage.path") or _get(cfg, "first_stage_ckpt")
+    if not path:
+        path = Path(os.environ.get("LDM_ROOT", ".")) / "outputs/autoencoder_kl/latest/model.safetensors"
+    path = Path(str(path)).expanduser()
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    config = _safetensors_config(path)
+    factor = _ch_mult_factor((config or {}).get("model"))
+    return None if factor is None else (factor, f"the first stage {path}")
+
+
+def resolution(key: str, value: Any, cfg: DictConfig) -> str | None:
+    """A positive whole number of pixels, a multiple of the autoencoder's downsampling factor f."""
+    if not _is_whole(value) or value < 1:
+        return f"must be a positive whole number of pixels; e.g. {key}=64."
+    if _get(cfg, "data.latents") is True:  # the cached latents fix the size
+        return None
+    found = _first_stage_factor(cfg)
+    if found is not None and value % found[0]:
+        f, where = found
+        return (
+            f"must be a multiple of the autoencoder's downsampling factor f={f} ({where}); "
+            f"e.g. {key}={max(f, value // f * f)}."
+        )
+    superres = _get(cfg, "data.task._target_") == "ldm.data.degradations.SuperResolution"
+    scale = _get(cfg, "data.task.scale") if superres else None
+    if _is_whole(scale) and scale > 0 and value % scale:
+        example = max(scale, value // scale * scale)
+        return (
+            f"must be divisible by the super-resolution scale data.task.scale={scale}; e.g. {key}={example}."
+        )
+    return None
+
+
+def _latents_cannot(option: str, fix: str) -> Rule:
+    """Augmentations a latent cache cannot honour: the images were encoded once, centre-cropped, unflipped."""
+
+    def rule(key: str, value: Any, cfg: DictConfig) -> str | None:
+        if _get(cfg, "data.latents") is not True:
+            return None
+        return f"cached latents (data.latents=true) {option}; {fix}"
+
+    return rule
+
+
+def flip_with_latents(key: str, value: Any, cfg: DictConfig) -> str | None:
+    if value is True:
+        return _latents_cannot(
+            "cannot be mirrored exactly", "set data.flip=false, or train on images (data=shapes)."
+        )(key, value, cfg)
+    return None if isinstance(value, bool) else boolean(key, value, cfg)
+
+
+def crop_with_latents(key: str, value: Any, cfg: DictConfig) -> str | None:
+    if value not in ("random", "center"):
+        return f"use random or center; e.g. {key}=center."
+    if value == "random":
+        return _latents_cannot(
+            "hold one centre crop per image", "set data.crop=center, or train on images (data=shapes)."
+        )(key, value, cfg)
+    return None
+
+
+def task_with_latents(key: str, value: Any, cfg: DictConfig) -> str | None:
+    tasks = value if isinstance(value, list) else [value]
+    for task in tasks:
+        target = task.get("_target_") if isinstance(task, dict) else None
+        if target in IMAGE_TASKS:
+            return _latents_cannot(
+                f"hold no image for {target.rsplit('.', 1)[-1]} to transform",
+                "train this experiment on images (data=shapes or data=custom without data.latents).",
+            )(key, target, cfg)
+    return None
+
+
+def parameterization(key: str, value: Any, cfg: DictConfig) -> str | None:
+    if value not in PARAMETERIZATIONS:
+        return one_of(PARAMETERIZATIONS)(key, value, cfg)
+    if value == "eps" and _get(cfg, "model.loss.schedule.zero_terminal_snr") is True:
+        return (
+            "with model.loss.schedule.zero_terminal_snr=true the last step is pure noise, where predicting "
+            "the noise says nothing about the image and sampling diverges; use model.loss.parameterization=v "
+            "(or zero_terminal_snr=false, as for SD v1 weights)."
+        )
+    return None
+
+
+def max_steps(key: str, value: Any, cfg: DictConfig) -> str | None:
+    return whole(1, "optimisation steps; -1 = no limit, stop by max_epochs", 1000, allow=(-1,))(
+        key, value, cfg
+    )
+
+
+TRAIN_CHECKS: list[Check] = [
+    Check("seed", whole(None, "seeds Python, numpy, torch and the data stream", 0)),
+    Check("paths.output_dir", writable_dir),
+    Check("first_stage_ckpt", existing_file("stage-1 autoencoder (model.safetensors or .ckpt)")),
+    Check("model.init_from", existing_file("stage-2 model (model.safetensors or .ckpt)")),
+    # data: the loader, then what the pipeline can do
+    Check("data.batch_size", whole(1, "samples per step on each device", 16)),
+    Check("data.val_batch_size", whole(1, "null = data.batch_size", 16, nullable=True)),
+    Check("data.num_workers", whole(0, "loader processes per device; 0 = load in the main process", 2)),
+    Check("data.shuffle_buffer", whole(0, "samples shuffled in memory per worker; 0 = off", 1000)),
+    Check("data.epoch_length", whole(1, "samples per rank per epoch; null = one pass", 10000, nullable=True)),
+    Check("data.timeout", number(0, low_open=True, what="seconds per batch", example=300)),
+    Check("data.num_classes", whole(2, "segmap classes including background", 6, nullable=True)),
+    Check("data.resolution", resolution),
+    Check("data.latents", boolean),
+    Check("data.flip", flip_with_latents),
+    Check("data.crop", crop_with_latents),
+    Check("data.task", task_with_latents),
+    # trainer
+    Check("trainer.max_steps", max_steps),
+    Check("trainer.precision", one_of(TRAINER_PRECISIONS, "bf16-mixed on Ampere+ GPUs")),
+    Check("trainer.accumulate_grad_batches", whole(1, "batches per optimiser step", 1)),
+    Check("trainer.log_every_n_steps", whole(1, "", 10)),
+    Check("trainer.limit_val_batches", number(0, what="batches, or a fraction <= 1.0", example=4)),
+    Check("trainer.gradient_clip_val", number(0, what="null = no clipping", example=1.0, nullable=True)),
+    # model (stage 1: learning_rate; stage 2: optim, loss, EMA)
+    Check("model.learning_rate", number(0, low_open=True, example=4.5e-4)),
+    Check("model.optim.lr", number(0, low_open=True, example=1e-4)),
+    Check("model.optim.warmup_steps", whole(0, "", 50)),
+    Check("model.ema_decay", number(0, 1, high_open=True, what="0 = no EMA", example=0.999)),
+    Check("model.loss.parameterization", parameterization),
+    Check("model.loss.schedule.zero_terminal_snr", boolean),
+    Check("model.preview_steps", whole(1, "sampler steps of the preview grids", 25)),
+    Check("callbacks.image_logger.every_n_steps", whole(0, "0 = no sample grids", 250)),
+    Check(
+        "callbacks.periodic_checkpoint.every_n_train_steps",
+        whole(0, "0 = only last.ckpt", 500, nullable=True),
+    ),
+]
+
+
+# --- combination rules: sample.py -------------------------------------------------------------------------
+
+
+def strength_steps(key: str, value: Any, cfg: DictConfig) -> str | None:
+    """img2img-style tasks re-run int(strength * steps) steps: at least one (ldm.samplers.sigmas)."""
+    if _select(cfg, "task.strength") is _ABSENT:  # a task that starts from noise
+        return None
+    strength = _get(cfg, "task.default_strength") if value is None else value
+    steps = _get(cfg, "steps")
+    if not _is_number(strength) or not _is_whole(steps) or steps < 1 or int(strength * steps + 1e-6) >= 1:
+        return None  # the value rules name a bad strength or steps
+    run = f"int({strength:g} x {steps}) = 0 denoising steps"
+    fix = f"strength >= {1 / steps:.3g} or steps >= {math.ceil(1 / strength - 1e-9)}"
+    if value is None:
+        return f"the task's default strength {strength:g} with steps={steps} re-runs {run}; pass {fix}."
+    return f"with steps={steps} this re-runs {run}; use {fix}."
+
+
+def strength(key: str, value: Any, cfg: DictConfig) -> str | None:
+    if value is None or (_is_number(value) and 0 < value <= 1):
+        return None
+    return "must be in (0, 1] (the share of the schedule re-run from the image; null = the task's default)."
+
+
+def read_by_task(key: str, value: Any, cfg: DictConfig) -> str | None:
+    """An input the chosen task never reads (its conf/task/<name>.yaml has no such key) is a mistake."""
+    if value in (None, "") or _select(cfg, "task") is _ABSENT or _select(cfg, f"task.{key}") is not _ABSENT:
+        return None
+    readers = [name for name, keys in _task_inputs().items() if key in keys]
+    which = f" (task={', '.join(readers)} {'does' if len(readers) == 1 else 'do'})" if readers else ""
+    return f"task={_get(cfg, 'task.name', '?')} does not read {key}{which}; drop it or pick that task."
+
+
+@functools.cache
+def _task_inputs() -> dict[str, set[str]]:
+    """{task name: the keys its conf/task/<name>.yaml reads}."""
+    inputs = {}
+    for path in sorted((CONF_DIR / "task").glob("*.yaml")):
+        try:
+            task = OmegaConf.load(path)
+        except (OSError, OmegaConfBaseException):
+            continue
+        inputs[str(task.get("name", path.stem))] = set(task.keys())
+    return inputs
+
+
+def labels(key: str, value: Any, cfg: DictConfig) -> str | None:
+    ids = value if isinstance(value, list) else [value]
+    if value is None or all(_is_whole(v) and v >= 0 for v in ids):
+        return None
+    return f"class ids are whole numbers >= 0; e.g. {key}=3 or '{key}=[0,2]'."
+
+
+def device(key: str, value: Any, cfg: DictConfig) -> str | None:
+    return None if DEVICE.match(str(value)) else "use auto, cpu, mps, cuda or cuda:N."
+
+
+SAMPLE_CHECKS: list[Check] = [
+    Check(
+        "ckpt",
+        existing_file(
+            "checkpoint",
+            required="pass ckpt=<model.safetensors or .ckpt from train.py, or an original checkpoint "
+            "+ config=<yaml>>.",
+        ),
+    ),
+    Check("config", existing_file("CompVis yaml")),
+    Check("out_dir", writable_dir),
+    Check("n", whole(1, "images per prompt or label", 4)),
+    Check("steps", whole(1, "sampler steps", 50)),
+    Check("batch_size", whole(1, "images per forward pass", 4)),
+    Check("seed", whole(None, "image i uses seed + i", 0)),
+    Check("cfg_scale", number(0, what="classifier-free guidance; 1 = off", example=5.0)),
+    Check("precision", one_of(SAMPLE_PRECISIONS, "autocast of the UNet")),
+    Check("device", device),
+    Check("height", whole(1, "pixels; null = the training resolution", 512, nullable=True)),
+    Check("width", whole(1, "pixels; null = the training resolution", 512, nullable=True)),
+    Check("use_ema", boolean),
+    Check("label", labels),
+    Check("image", read_by_task),
+    Check("mask", read_by_task),
+    Check("pad", read_by_task),
+    Check("segmap", read_by_task),
+    Check("label", read_by_task),
+    Check("strength", read_by_task),
+    Check("strength", strength, show=lambda v: str(float(v)) if _is_number(v) else _show(v)),
+    Check("strength", strength_steps),
+]
