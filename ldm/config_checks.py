@@ -258,6 +258,17 @@ def _safetensors_config(path: Path) -> dict | None:
         return None
 
 
+def autoencoder_file(value: Any) -> str | None:
+    """A stage-2 export given where an autoencoder goes is named as what it is (read from its header)."""
+    path = Path(str(value)).expanduser() if value else None
+    config = _safetensors_config(path) if path and path.suffix == ".safetensors" and path.is_file() else None
+    if isinstance(config, dict) and isinstance(config.get("first_stage_autoencoder"), dict):
+        from ldm.kinds import stage2_as_first_stage
+
+        return stage2_as_first_stage(config)
+    return None
+
+
 def _first_stage_factor(cfg: DictConfig) -> tuple[int, str] | None:
     """(f, where it comes from) of the autoencoder this run trains or uses; None when not known cheaply."""
     factor = _ch_mult_factor(_get(cfg, "model"))
@@ -362,6 +373,7 @@ TRAIN_CHECKS: list[Check] = [
     Check("seed", whole(None, "seeds Python, numpy, torch and the data stream", 0)),
     Check("paths.output_dir", writable_dir),
     Check("first_stage_ckpt", existing_file("stage-1 autoencoder (model.safetensors or .ckpt)")),
+    Check("first_stage_ckpt", lambda key, value, cfg: autoencoder_file(value)),
     Check("model.init_from", existing_file("stage-2 model (model.safetensors or .ckpt)")),
     # data: the loader, then what the pipeline can do
     Check("data.batch_size", whole(1, "samples per step on each device", 16)),

@@ -369,6 +369,87 @@ def test_model_bad_input_is_one_line(row: Row, root: Path, tmp_path: Path, monke
     _assert_one_error_line(proc, row.code, row.words)
 
 
+# -- files of the wrong kind or in bad shape (issue 14 §2-4): loaders and the image decoder --------------
+
+
+def _bad_files(models: Path, tmp: Path) -> dict[str, Path]:
+    """Files a user might pass: random bytes, a pickle that would run code, a truncated export, ..."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    files = {
+        "random": tmp / "random.ckpt",
+        "pickle": tmp / "evil.ckpt",
+        "stripped": tmp / "stripped.safetensors",
+    }
+    files["random"].write_bytes(np.random.default_rng(0).bytes(4096))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp / 'PWNED'}",))
+
+    files["pickle"].write_bytes(pickle.dumps({"state_dict": {}, "x": Evil()}))
+    save_file(load_file(models / "text" / "model.safetensors"), files["stripped"])  # metadata removed
+    data = (models / "text" / "model.safetensors").read_bytes()
+    files["truncated"] = tmp / "truncated.safetensors"
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["tiny_image"] = tmp / "dot.png"
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(files["tiny_image"])
+    files["stage2"] = models / "text" / "model.safetensors"
+    return files
+
+
+FILE_ROWS: dict[str, Row] = {
+    "random bytes as ckpt": Row("sample", ("ckpt={random}",), ("random.ckpt is not a checkpoint",)),
+    "a pickle that would run code": Row("sample", ("ckpt={pickle}",), ("evil.ckpt", "stores Python objects")),
+    "export with its metadata removed": Row(
+        "sample", ("ckpt={stripped}",), ("export whose config metadata was removed", "config.yaml")
+    ),
+    "truncated export": Row("sample", ("ckpt={truncated}",), ("truncated.safetensors", "truncated")),
+    "1x1 image for img2img": Row(
+        "sample",
+        ("ckpt={stage2}", "task=img2img", "image={tiny_image}", "prompt=x"),
+        ("dot.png", "1x1", "8 px"),
+    ),
+    "stage-2 model as first stage": Row(
+        "train",
+        ("experiment=txt2img", "first_stage_ckpt={stage2}"),
+        ("is a text-to-image model", "not an autoencoder"),
+    ),
+    "a pickle that would run code as ckpt_path": Row(
+        "train", ("experiment=uncond", "ckpt_path={pickle}"), ("evil.ckpt", "stores Python objects")
+    ),
+}
+
+
+@pytest.mark.parametrize("row", FILE_ROWS.values(), ids=FILE_ROWS.keys())
+def test_bad_file_is_one_line(row: Row, root: Path, tmp_path: Path, monkeypatch, capsys):  # noqa: F811
+    files = _bad_files(root, tmp_path)
+    args = [a.format(**files) for a in row.args]
+    if row.script == "sample":
+        proc = run_entry("sample", [*args, f"out_dir={tmp_path / 'out'}"], tmp_path, monkeypatch, capsys)
+    else:
+        proc = subprocess.run(
+            [
+                PYTHON,
+                str(REPO / "train.py"),
+                *args,
+                f"hydra.run.dir={tmp_path / 'run'}",
+                "trainer.max_steps=1",
+            ],
+            cwd=tmp_path,
+            env=subprocess_env(LDM_ROOT=str(tmp_path)),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    _assert_one_error_line(proc, row.code, row.words)
+    assert not (tmp_path / "PWNED").exists()  # nothing in a file ever runs
+
+
 # -- the pieces --------------------------------------------------------------------------------------------
 
 

@@ -97,9 +97,8 @@ def test_family_samples_through_the_python_api(family, inputs):
     assert len(out.images) == (4 if task == "class" else 2)
     assert out.images[0].size == tuple(expected)
     assert images.std() > 1.0  # not a constant image
-    assert (
-        out.record["checkpoint"]["format"] == "compvis" and set(out.record["checkpoint"]["tasks"]) == set(pipe.tasks)
-    )
+    checkpoint = out.record["checkpoint"]
+    assert checkpoint["format"] == "compvis" and set(checkpoint["tasks"]) == set(pipe.tasks)
 
 
 @pytest.mark.parametrize("family", ["ldm_cin256", "sd_x4_upscaler"])

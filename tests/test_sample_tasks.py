@@ -114,6 +114,14 @@ def test_uncond_non_square_size_and_class_labels(root):
     record = run_sample(root, "class", "task=class", "label=[0,2]", "n=2")
     params = check_outputs(record, 4, (SIZE, SIZE))
     assert [p["label"] for p in params] == [0, 0, 2, 2]
+    # each file says its class, so a folder of many labels stays sortable by class
+    assert [e["file"] for e in record["images"]] == [
+        "0000_label0_seed0.png",
+        "0001_label0_seed1.png",
+        "0002_label2_seed2.png",
+        "0003_label2_seed3.png",
+    ]
+    assert all((Path(record["out_dir"]) / e["file"]).is_file() for e in record["images"])
     assert record["guidance"]  # the null class
 
 

@@ -57,6 +57,9 @@ def _load(model: str, allow_download: bool) -> tuple[Any, Any, Any]:
     source = str(path) if path.exists() else model
     # Never download behind the user's back: a hub id is fetched only when allow_download is set.
     local_only = path.exists() or not allow_download
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per weight file of a frozen encoder is console noise
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)

@@ -16,6 +16,7 @@ import pickle
 import pickletools
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,7 +161,9 @@ def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> d
     if kind == "other":
         raise _not_a_checkpoint(path, "neither a PyTorch archive nor a pickle")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on pickle protocols: noise next to our own message
+            warnings.filterwarnings("ignore", message=r".*pickle protocol.*", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not _well_formed_pickle(path, kind):
             raise _not_a_checkpoint(path, "its contents do not parse as a pickle") from None

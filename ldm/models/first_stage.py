@@ -13,39 +13,16 @@ from torch import nn
 
 from ldm.errors import UserError
 from ldm.interop.checkpoint import load_state_dict, strip_prefix
+from ldm.kinds import stage2_as_first_stage
 
 log = logging.getLogger(__name__)
 DEMO_AUTOENCODER = "outputs/autoencoder_kl/latest/model.safetensors"  # where `make demo` leaves stage 1
 
 
-CONDITIONING_KINDS = {  # conditioner class -> what a stage-2 model with it is
-    "FrozenTextEncoder": "text-to-image",
-    "BERTEmbedder": "text-to-image",
-    "ClassEmbedder": "class-conditional",
-    "InpaintingConditioner": "inpainting",
-    "SuperResConditioner": "super-resolution",
-    "SemanticMapConditioner": "semantic-synthesis",
-}
-
-
-def stage2_kind(config: dict) -> str:
-    """'a text-to-image model (experiment txt2img)' for a stage-2 run config, for messages."""
-    entries = (((config.get("model") or {}).get("conditioner") or {}).get("conditioners")) or {}
-    targets = [str((e or {}).get("_target_", "")).rsplit(".", 1)[-1] for e in entries.values()]
-    kinds = list(dict.fromkeys(CONDITIONING_KINDS[t] for t in targets if t in CONDITIONING_KINDS))
-    name = config.get("name")
-    return f"a {'/'.join(kinds) or 'unconditional'} model" + (f" (experiment {name})" if name else "")
-
-
 def _autoencoder_config(config: dict | None, path: Path) -> dict:
     """Find the autoencoder's `_target_` config inside a run config (stage 1 or stage 2)."""
     if isinstance((config or {}).get("first_stage_autoencoder"), dict):
-        ae_path = (((config.get("model") or {}).get("first_stage")) or {}).get("path")
-        raise UserError(
-            f"{path} is {stage2_kind(config)}, a stage-2 diffusion model, not an autoencoder: pass the "
-            f"autoencoder it was trained on{f' ({ae_path})' if ae_path else ''} as first_stage_ckpt, or "
-            "sample from it with sample.py."
-        )
+        raise UserError(f"{path} {stage2_as_first_stage(config)}")
     model = (config or {}).get("model") or {}
     for candidate in (model.get("autoencoder"), model.get("first_stage"), model):
         if isinstance(candidate, dict) and "ddconfig" in candidate and "_target_" in candidate:

@@ -20,8 +20,9 @@ RECORD_NAME = "run.json"
 GRID_NAME = "grid.png"
 
 
-def image_name(index: int, seed: int) -> str:
-    return f"{index:04d}_seed{seed}.png"
+def image_name(index: int, seed: int, label: int | None = None) -> str:
+    """`0003_seed3.png`; class-conditional images say their class: `0003_label7_seed3.png`."""
+    return f"{index:04d}{'' if label is None else f'_label{int(label)}'}_seed{seed}.png"
 
 
 def image_parameters(job: Job, index: int, seed: int, run: Mapping[str, Any]) -> dict[str, Any]:
@@ -54,7 +55,7 @@ def make_record(
         params = image_parameters(job, i, seed, run)
         entries.append(
             {
-                "file": image_name(i, seed),
+                "file": image_name(i, seed, params.get("label")),
                 **{k: params[k] for k in ("seed", "prompt", "label") if k in params},
             }
         )
@@ -86,6 +87,7 @@ def write_outputs(out_dir: str | Path, result: Result, job: Job, record: Mapping
     run = record["parameters"]
     for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
         params = image_parameters(job, i, seed, run)
-        save_png(image, out / image_name(i, seed), {PARAMETERS_KEY: json.dumps(params, default=str)})
+        name = image_name(i, seed, params.get("label"))
+        save_png(image, out / name, {PARAMETERS_KEY: json.dumps(params, default=str)})
     save_png(make_grid(result.images), out / GRID_NAME, {PARAMETERS_KEY: json.dumps(run, default=str)})
     (out / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
