@@ -247,7 +247,15 @@ def test_inpaint_by_blending_keeps_the_unmasked_area(root):
     init = loaded.model.first_stage.encode_pixels(job.init_image, sample=False)
     torch.testing.assert_close(result.latents * keep, init.expand(2, -1, -1, -1) * keep, rtol=0, atol=1e-6)
     assert ((result.latents - init) * ~keep).abs().mean() > 0.1  # ... and the masked ones were regenerated
-    # In pixels, with a local first stage: unmasked pixels are decode(encode(image)), masked ones are new.
+    # Pixels outside the mask are the input's own (pasted back), inside they are new.
+    outside = (job.paste_mask == 0).expand_as(result.images)
+    assert outside.float().mean() > 0.5
+    assert torch.equal(result.images[outside], job.init_image.expand_as(result.images)[outside])
+    # Without paste, with a local first stage: unmasked pixels are decode(encode(image)), masked ones new.
+    job = Inpaint(
+        image=str(root / "image.png"), mask=str(root / "mask.png"), prompt="a blue square", paste=False
+    ).build(loaded, n=2)
+    assert job.paste_mask is None
     loaded.model.first_stage.autoencoder = BlockAutoencoder()
     result = run_job(loaded, job, settings(steps=4))
     recon = reconstruction(loaded, root / "image.png")
@@ -256,6 +264,35 @@ def test_inpaint_by_blending_keeps_the_unmasked_area(root):
     torch.testing.assert_close(result.images[kept], recon.expand_as(result.images)[kept], rtol=0, atol=1e-6)
     masked = job.blend_mask.bool().expand_as(result.images)
     assert (result.images - recon).abs()[masked].mean() > 0.1
+
+
+def test_inpaint_and_outpaint_keep_the_input_pixels_through_the_png(root):
+    """The written PNGs hold the input's pixels exactly outside the mask (the VAE round trip would not)."""
+    source = np.asarray(Image.open(root / "image.png").convert("RGB"))
+    mask = np.asarray(Image.open(root / "mask.png")) > 127
+    record = run_sample(
+        root, "inpaint", "task=inpaint", f"image={root / 'image.png'}", f"mask={root / 'mask.png'}", "n=1"
+    )
+    out = np.asarray(Image.open(Path(record["out_dir"]) / record["images"][0]["file"]).convert("RGB"))
+    assert (
+        np.array_equal(out[~mask], source[~mask]) and np.abs(out[mask] - source[mask].astype(int)).mean() > 1
+    )
+    record = run_sample(
+        root, "txt2img", "task=outpaint", f"image={root / 'image.png'}", "pad=[8,0,16,4]", "n=1"
+    )
+    out = np.asarray(Image.open(Path(record["out_dir"]) / record["images"][0]["file"]).convert("RGB"))
+    assert np.array_equal(out[0:SIZE, 8 : 8 + SIZE], source)
+
+
+def test_feathered_paste_weights():
+    from ldm.sampling.tasks import feathered
+
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    assert torch.equal(feathered(mask, 0), mask)
+    soft = feathered(mask, 2)
+    assert soft[mask == 0].abs().max() == 0  # outside: the input's pixels exactly
+    assert soft[0, 0, 8, 8] == 1 and 0 < soft[0, 0, 4, 8] < soft[0, 0, 5, 8] < soft[0, 0, 6, 8] <= 1
 
 
 def test_inpaint_with_inpainting_model_uses_the_concat_condition(root, caplog):
@@ -293,8 +330,8 @@ def test_outpaint_extends_the_canvas(root):
     job = Outpaint(image=str(root / "image.png"), pad=[8, 0, 16, 4], prompt="a red circle").build(loaded, n=1)
     assert job.size == (SIZE + 4, SIZE + 24) and job.strength == 0.9
     images = run_job(loaded, job, settings(steps=4)).images
-    recon = reconstruction(loaded, root / "image.png")
-    torch.testing.assert_close(images[..., 0:SIZE, 8 : 8 + SIZE], recon, rtol=0, atol=1e-6)
+    source = job.init_image[..., 0:SIZE, 8 : 8 + SIZE]  # pasted back: the input, not its reconstruction
+    torch.testing.assert_close(images[..., 0:SIZE, 8 : 8 + SIZE], source, rtol=0, atol=0)
     assert (images[..., :, :8] - job.init_image[..., :, :8]).abs().mean() > 0.05
 
 

@@ -89,6 +89,7 @@ class Job:
     init_image: Tensor | None = None  # (1, 3, H, W) in [-1, 1]: img2img / inpaint start, encoded once
     strength: float = 1.0  # fraction of the schedule re-run from init_image (SDEdit, Meng et al. 2022)
     blend_mask: Tensor | None = None  # (1, 1, H, W), 1 = generate: paste init latents elsewhere each step
+    paste_mask: Tensor | None = None  # (1, 1, H, W) in [0, 1]: decoded = init_image (1 - m) + generated m
     params: dict[str, Any] = field(default_factory=dict)  # task parameters for the PNG metadata and run.json
 
     def __post_init__(self) -> None:

@@ -176,6 +176,11 @@ def run_job(loaded: LoadedModel, job: Job, settings: Settings) -> Result:
             # One image at a time, in fp32: the same pixels whatever the batch size (conv kernels pick
             # batch-dependent algorithms), one image's activation memory, no fp16 overflow in SD's VAE.
             x = torch.cat([module.first_stage.decode(z[i : i + 1]) for i in range(b)]).float().clamp(-1, 1)
+            if (
+                job.paste_mask is not None
+            ):  # the input's own pixels outside the mask, not their reconstruction
+                m = job.paste_mask.to(x)
+                x = job.init_image.to(x) * (1 - m) + x * m
             _sync(device)
             timings["decode_s"] += time.perf_counter() - start
             images.append(x.cpu())

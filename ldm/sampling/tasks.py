@@ -213,11 +213,17 @@ class Inpaint(Img2Img):
         mask: str | None = None,
         blend: str | bool = "auto",
         default_strength: float = 1.0,
+        paste: bool = True,  # put the input's own pixels back outside the mask after decoding
+        feather: float = 0.0,  # paste: blend over this many pixels inside the mask's edge (0 = hard edge)
         **kw: Any,
     ) -> None:
         super().__init__(name, default_strength=default_strength, **kw)
         self.mask = mask
         self.blend = blend
+        self.paste = bool(paste)
+        if float(feather) < 0:
+            raise UserError(f"task.feather={feather}: must be >= 0 pixels.")
+        self.feather = float(feather)
 
     def build(
         self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
@@ -244,7 +250,7 @@ class Inpaint(Img2Img):
             )
         shared = {"masked_image": image * (mask < 0.5), "mask": mask} if concat else {}
         mode = "+".join(name for name, used in (("concat", concat), ("blend", blend)) if used)
-        params = {**params, "inpaint_mode": mode}
+        params = {**params, "inpaint_mode": mode, "paste": self.paste, "feather": self.feather}
         return self.job(
             model,
             tuple(image.shape[-2:]),
@@ -253,6 +259,7 @@ class Inpaint(Img2Img):
             init_image=image,
             strength=self.strength,
             blend_mask=mask if blend else None,
+            paste_mask=feathered(mask, self.feather) if self.paste else None,
             params=params,
         )
 
@@ -285,6 +292,17 @@ class Outpaint(Inpaint):
         canvas, mask, pad = extend_canvas(image, pad, self.factor(model))
         params = {"image": str(self.image), "pad": pad, "strength": self.strength}
         return self.masked_job(model, canvas, mask, n, params)
+
+
+def feathered(mask: Tensor, feather: float) -> Tensor:
+    """(1,1,H,W) mask, 1 = generated -> paste weights: 0 outside the mask (the input's pixels exactly),
+    ramping from 0 at the mask's edge to 1 `feather` pixels inside it (a box blur of that width)."""
+    binary = (mask > 0.5).float()
+    radius = int(round(feather))
+    if radius < 1:
+        return binary
+    outside = F.avg_pool2d(1 - binary, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+    return binary * (1 - outside)  # share of kept pixels within `radius`: 0 deep inside the mask
 
 
 def check_pad(pad: Any) -> list[int]:
