@@ -103,4 +103,13 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)  # overrides Hydra cannot parse: one line with the quoting that fixes them
+    experiments = sorted(
+        p.stem for p in (Path(__file__).resolve().parent / "conf" / "experiment").glob("*.yaml")
+    )
+    run_cli(  # overrides Hydra cannot parse, or no experiment: one line with the fix, not a traceback
+        main,
+        required={
+            "experiment": "no experiment chosen: run e.g. `python train.py experiment=autoencoder_kl`; "
+            f"experiments: {', '.join(experiments)}."
+        },
+    )

@@ -30,12 +30,25 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def run(main: Callable[[], Any], argv: list[str] | None = None) -> None:
+def run(
+    main: Callable[[], Any],
+    argv: list[str] | None = None,
+    required: dict[str, str] | None = None,  # override key -> the one line when the command line lacks it
+) -> None:
     """Check the command line's overrides, then call the `@hydra.main` function as usual."""
-    problem = override_problem(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    problem = override_problem(argv) or missing_override(argv, required or {})
     if problem is not None:
         fail(problem)
     main()
+
+
+def missing_override(argv: list[str], required: dict[str, str]) -> str | None:
+    """The message of the first required key no override sets (Hydra's flags such as --help: none)."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in _overrides(argv)}
+    return next((message for key, message in required.items() if key not in keys), None)
 
 
 def _overrides(argv: list[str]) -> list[str]:

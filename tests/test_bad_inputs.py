@@ -526,3 +526,19 @@ def test_sampling_settings_check_their_arguments(kwargs: dict, words: str):
 
     with pytest.raises(UserError, match=words):
         Settings(sampler=lambda *a, **k: None, steps=StepSchedule(10), **kwargs)
+
+
+def test_no_experiment_is_one_line(workdir: Path):
+    """`python train.py` alone: one line naming the experiments, not Hydra's 200-line traceback."""
+    proc = subprocess.run(
+        [PYTHON, str(REPO / "train.py")],
+        cwd=workdir,
+        env=subprocess_env(LDM_ROOT=str(workdir)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    _assert_one_error_line(
+        proc, 2, ("no experiment chosen", "experiment=autoencoder_kl", "txt2img, txt2img_bert")
+    )
+    assert not (workdir / "outputs").exists()
