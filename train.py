@@ -13,6 +13,7 @@ from pathlib import Path
 os.environ.setdefault("LDM_ROOT", str(Path(__file__).resolve().parent))
 os.environ.setdefault("WANDB_MODE", "offline")  # never phone home unless the user sets WANDB_MODE=online
 
+import sys
 import warnings
 
 import hydra
@@ -31,6 +32,8 @@ from ldm.training.runtime import (
     set_current_run_dir,
     user_errors_exit,
 )
+
+INTERRUPTED_EXIT = 143  # 128 + SIGTERM: a run stopped by a signal (checkpoint saved) is not a success
 
 # Frozen parts (first stage, text encoder, LPIPS) stay in eval mode on purpose; Lightning warns about it.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -100,6 +103,13 @@ def main(cfg: DictConfig) -> None:
     cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     metrics = train(cfg)
     print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    if "interrupted_at_step" in metrics:  # SIGTERM / Ctrl-C: saved, but not done; schedulers must see it
+        print(
+            f"interrupted at step {int(metrics['interrupted_at_step'])}: last.ckpt and the export are saved; "
+            f"continue with `python train.py experiment={cfg.get('name')} ckpt_path=last`",
+            file=sys.stderr,
+        )
+        sys.exit(INTERRUPTED_EXIT)
 
 
 if __name__ == "__main__":

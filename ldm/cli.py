@@ -129,6 +129,25 @@ class RunDirCheck(Callback):
             fail(f"{user_key(config, key)}={path}: {problem}")
 
 
+class ConfigCheck(Callback):
+    """Hydra callback: the config checks (`ldm.config_checks`) before Hydra makes the run folder, so a
+    mistake leaves nothing behind. `check` is the dotted path of check_train_config / check_sample_config."""
+
+    def __init__(self, check: str) -> None:
+        self.check = check
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import importlib
+
+        from ldm.errors import UserError
+
+        module, _, name = self.check.rpartition(".")
+        try:
+            getattr(importlib.import_module(module), name)(config)
+        except UserError as e:
+            fail(str(e))
+
+
 def user_key(config: DictConfig, key: str) -> str:
     """The key the user sets for `key`: `hydra.run.dir: ${out_dir}` -> out_dir (followed while it is one
     plain interpolation, e.g. train.py's hydra.run.dir -> paths.output_dir)."""

@@ -258,6 +258,21 @@ def _safetensors_config(path: Path) -> dict | None:
         return None
 
 
+def gpu_present(key: str, value: Any) -> str | None:
+    """trainer=gpu / ddp / fsdp (accelerator gpu or cuda) on a machine torch sees no CUDA device on."""
+    if str(value) not in ("gpu", "cuda"):
+        return None
+    import torch  # only for this check: the others run without it
+
+    if torch.cuda.is_available():
+        return None
+    return (
+        "but torch sees no CUDA device here (torch "
+        f"{torch.__version__}); use trainer=cpu (or trainer=ddp_cpu for 2 CPU processes), or install a CUDA "
+        "build of torch on a GPU machine (README: `make install TORCH=...`)."
+    )
+
+
 def autoencoder_file(value: Any) -> str | None:
     """A stage-2 export given where an autoencoder goes is named as what it is (read from its header)."""
     path = Path(str(value)).expanduser() if value else None
@@ -369,12 +384,67 @@ def max_steps(key: str, value: Any, cfg: DictConfig) -> str | None:
     )
 
 
+FINETUNE_TARGET = "ldm.training.finetune.module_from_base"
+BNB_TARGETS = ("ldm.training.optim.adamw_8bit",)
+
+
+def base_model(key: str, value: Any, cfg: DictConfig) -> str | None:
+    """experiment=finetune needs an existing base file; elsewhere the key is unused."""
+    if _get(cfg, "model._target_") != FINETUNE_TARGET:
+        return None
+    required = (
+        "experiment=finetune needs the file to fine-tune: pass base_model=<file> (an original SD 1.x/2.x or "
+        "LDM checkpoint, or a train.py model.safetensors)."
+    )
+    if value and (Path(str(value)).expanduser() / "model_index.json").is_file():
+        return None  # a diffusers pipeline folder (save_pretrained layout)
+    return existing_file("base model", required)(key, value, cfg)
+
+
+def text_encoder_folder(key: str, value: Any, cfg: DictConfig) -> str | None:
+    if value in (None, "") or Path(str(value)).expanduser().is_dir():
+        return None
+    return (
+        "no such folder; pass the folder with the CLIP tokenizer files (vocab.json + merges.txt, or "
+        "tokenizer.json)."
+    )
+
+
+def text_encoder_lr(key: str, value: Any, cfg: DictConfig) -> str | None:
+    if value is None:
+        return None
+    problem = number(0, low_open=True, what="the text encoder's learning rate", example=1e-6)(key, value, cfg)
+    if problem is None and _get(cfg, "model.train_text_encoder") is not True:
+        return "the text encoder is frozen; add model.train_text_encoder=true, or drop model.text_encoder_lr."
+    return problem
+
+
+def optimizer_device(key: str, value: Any, cfg: DictConfig) -> str | None:
+    """8-bit AdamW (bitsandbytes) needs CUDA: refuse it on a CPU trainer before any work."""
+    if value in BNB_TARGETS and _get(cfg, "trainer.accelerator") == "cpu":
+        return (
+            "bitsandbytes' 8-bit AdamW runs on CUDA GPUs only and this run trains on the CPU "
+            "(trainer.accelerator=cpu); use optim=adamw, or trainer=gpu on a CUDA machine."
+        )
+    return None
+
+
 TRAIN_CHECKS: list[Check] = [
     Check("seed", whole(None, "seeds Python, numpy, torch and the data stream", 0)),
     Check("paths.output_dir", writable_dir),
     Check("first_stage_ckpt", existing_file("stage-1 autoencoder (model.safetensors or .ckpt)")),
     Check("first_stage_ckpt", lambda key, value, cfg: autoencoder_file(value)),
     Check("model.init_from", existing_file("stage-2 model (model.safetensors or .ckpt)")),
+    # fine-tuning (experiment=finetune)
+    Check("base_model", base_model),
+    Check("base_config", existing_file("original inference yaml of base_model")),
+    Check("text_encoder", text_encoder_folder),
+    Check("model.train_text_encoder", boolean),
+    Check("model.gradient_checkpointing", boolean),
+    Check("model.text_encoder_lr", text_encoder_lr),
+    Check("model.optim.optimizer._target_", optimizer_device),
+    Check("validation.prompt_file", existing_file("text file of validation prompts, one a line")),
+    Check("validation.every_n_steps", whole(0, "0 = no validation images", 250)),
     # data: the loader, then what the pipeline can do
     Check("data.batch_size", whole(1, "samples per step on each device", 16)),
     Check("data.val_batch_size", whole(1, "null = data.batch_size", 16, nullable=True)),
@@ -391,6 +461,7 @@ TRAIN_CHECKS: list[Check] = [
     # trainer
     Check("trainer.max_steps", max_steps),
     Check("trainer.precision", one_of(TRAINER_PRECISIONS, "bf16-mixed on Ampere+ GPUs")),
+    Check("trainer.accelerator", lambda key, value, cfg: gpu_present(key, value)),
     Check("trainer.accumulate_grad_batches", whole(1, "batches per optimiser step", 1)),
     Check("trainer.log_every_n_steps", whole(1, "", 10)),
     Check("trainer.limit_val_batches", number(0, what="batches, or a fraction <= 1.0", example=4)),
@@ -404,6 +475,10 @@ TRAIN_CHECKS: list[Check] = [
     Check("model.loss.schedule.zero_terminal_snr", boolean),
     Check("model.preview_steps", whole(1, "sampler steps of the preview grids", 25)),
     Check("callbacks.image_logger.every_n_steps", whole(0, "0 = no sample grids", 250)),
+    # the end-of-run export in the original CompVis/Stability layout (callbacks.ExportSafetensors)
+    Check("callbacks.export.original", boolean),
+    Check("callbacks.export.original_dtype", one_of(("fp32", "fp16", "bf16"), "the original export's")),
+    Check("callbacks.export.original_ema_only", boolean),
     Check(
         "callbacks.periodic_checkpoint.every_n_train_steps",
         whole(0, "0 = only last.ckpt", 500, nullable=True),

@@ -114,8 +114,8 @@ def test_signal_saves_at_a_step_boundary_and_resume_continues(
     _wait_for(runs / "stopped" / "checkpoints" / "step000004.ckpt", proc)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    assert "Traceback" not in err
+    assert proc.returncode == 143, err[-3000:]  # saved, but interrupted: SLURM requeue / schedulers see it
+    assert "Traceback" not in err and "ckpt_path=last" in err
 
     last = load_ckpt(runs / "stopped" / "checkpoints" / "last.ckpt")
     stopped_at = last["global_step"]

@@ -3,6 +3,12 @@
     python -m ldm.data.cache_latents --ckpt outputs/autoencoder_kl/latest/model.safetensors \
         --shards 'data/shards/shapes/train-*.tar' --out data/shards/shapes_latents --prefix train \
         [--mode dist|sample] [--dtype float16|bfloat16|float32] [--text-encoder default|<folder>]
+    python -m ldm.data.cache_latents --base-model <SD/LDM file> [--base-config <yaml>] \
+        [--base-tokenizer <CLIP tokenizer folder>] [--text-encoder base] --shards ... --out ...
+
+With --base-model (fine-tuning, experiment=finetune) the base file's own autoencoder encodes the images and
+`--text-encoder base` its own text encoder the captions; the manifest records that autoencoder's identity,
+which the fine-tune run checks as stage 2 does.
 
 Each output sample keeps the input's key and its caption/label/metadata members, and holds the
 *unscaled* latents: `latent_mean` + `latent_logvar` (mode dist, KL autoencoders: stage 2 draws a fresh
@@ -23,6 +29,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,9 +165,20 @@ class _Stats:
         return float(np.sqrt(max(self.total_sq / self.n - mu * mu, 0.0)))
 
 
-def _load_text_encoder(spec: str | None, max_length: int):
+def _load_text_encoder(spec: str | None, max_length: int, base: Any = None):
+    """None, the base model's text encoder (`base`: a LatentDiffusion), the default MiniLM, or a folder's."""
     if not spec:
         return None
+    if spec == "base":
+        from ldm.conditioning.text import FrozenTextEncoder
+
+        conditioners = base.conditioner.conditioners.values() if base is not None else ()
+        found = [c for c in conditioners if isinstance(c, FrozenTextEncoder)]
+        if not found:
+            raise UserError(
+                "cache_latents: --text-encoder base needs --base-model with a text encoder (SD 1.x/2.x)"
+            )
+        return found[0]
     from ldm.conditioning.text import FrozenTextEncoder
 
     return FrozenTextEncoder(model=None if spec == "default" else spec, max_length=max_length)
@@ -168,7 +186,7 @@ def _load_text_encoder(spec: str | None, max_length: int):
 
 @torch.no_grad()
 def cache_latents(
-    ckpt: str,
+    ckpt: str | None,
     shards: str | Sequence[str],
     out: Path,
     mode: str = "dist",
@@ -181,17 +199,36 @@ def cache_latents(
     text_encoder: str | None = None,
     text_max_length: int = 77,  # tokens per caption (CLIP's context, as SD)
     device: str = "cpu",
+    base_model: str | None = None,  # fine-tuning: this file's autoencoder (and text encoder) instead of ckpt
+    base_config: str | None = None,  # its original inference yaml (default: recognised from its keys)
+    base_tokenizer: str | None = None,  # CLIP tokenizer folder of an SD 1.x base_model
 ) -> dict:
-    """Encode `shards` into `out/{prefix}-%06d.tar`; returns the manifest (also out/manifest.json)."""
+    """Encode `shards` into `out/{prefix}-%06d.tar`; returns the manifest (also out/manifest.json).
+
+    `ckpt`: a stage-1 autoencoder file, or None with `base_model` (a stage-2 / original file whose first
+    stage encodes; `text_encoder="base"` then uses its own text encoder)."""
     from ldm.models.autoencoder import AutoencoderKL
     from ldm.models.first_stage import load_autoencoder, weights_identity
 
     if mode not in ("dist", "sample") or dtype not in DTYPES:
         raise UserError(f"cache_latents: mode={mode!r} (dist|sample), dtype={dtype!r} ({'|'.join(DTYPES)})")
-    autoencoder, ae_config = load_autoencoder(ckpt)
+    base, native = None, None
+    if base_model:
+        from ldm.interop.load import load_model
+
+        loaded = load_model(base_model, config=base_config, text_encoder=base_tokenizer)
+        base, native = loaded.model, loaded.image_size
+        autoencoder, ae_config = base.first_stage.autoencoder, dict(base.first_stage.autoencoder_config)
+        ckpt = str(base_model)
+    elif ckpt:
+        autoencoder, ae_config = load_autoencoder(ckpt)
+    else:
+        raise UserError("cache_latents: pass --ckpt <autoencoder> or --base-model <model to fine-tune>")
     autoencoder.to(device)
     identity = weights_identity(autoencoder)
     is_kl = isinstance(autoencoder, AutoencoderKL)  # VQ models have no posterior: their latent is stored
+    if resolution is None and native is not None:  # the base's native size (SD 1.x: 512)
+        resolution = native if isinstance(native, int) else min(native)
     resolution = int(resolution or (ae_config.get("ddconfig") or {}).get("resolution") or 0)
     if resolution <= 0:
         raise UserError("cache_latents: pass --resolution (the autoencoder config does not name one)")
@@ -209,7 +246,7 @@ def cache_latents(
         num_workers=num_workers,
         timeout=600 if num_workers else 0,
     )
-    text = _load_text_encoder(text_encoder, text_max_length)
+    text = _load_text_encoder(text_encoder, text_max_length, base)
     if text is not None:
         text.to(device)
     writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0)
@@ -282,6 +319,7 @@ def cache_latents(
         autoencoder=dict(
             identity=identity,
             path=str(ckpt),
+            base_model=base is not None,
             target=ae_config.get("_target_"),
             config=ae_config,
             downsample_factor=autoencoder.downsample_factor,
@@ -314,9 +352,14 @@ def _start_manifest(out: Path, identity: str, prefix: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ldm.data.cache_latents", description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--ckpt", required=True, help="autoencoder: model.safetensors (with config) or a stage-1 .ckpt"
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="autoencoder: model.safetensors (with config) or a stage-1 .ckpt")
+    source.add_argument(
+        "--base-model",
+        help="fine-tuning: the base model file (original SD/LDM or ours); its autoencoder encodes",
     )
+    p.add_argument("--base-config", default=None, help="the base model's original inference yaml")
+    p.add_argument("--base-tokenizer", default=None, help="CLIP tokenizer folder of an SD 1.x base model")
     p.add_argument("--shards", required=True, nargs="+", help="image shards: path, glob, brace range or list")
     p.add_argument("--out", required=True, type=Path, help="folder for the latent shards and manifest.json")
     p.add_argument("--prefix", default="train", help="shard name prefix / split name (train, val)")
@@ -331,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument(
-        "--text-encoder", default=None, help="also store caption_emb: 'default' (MiniLM) or a folder"
+        "--text-encoder",
+        default=None,
+        help="also store caption_emb: 'base' (the --base-model's own), 'default' (MiniLM) or a folder",
     )
     p.add_argument("--text-max-length", type=int, default=77, help="tokens per caption for --text-encoder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -352,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
             text_encoder=a.text_encoder,
             text_max_length=a.text_max_length,
             device=a.device,
+            base_model=a.base_model,
+            base_config=a.base_config,
+            base_tokenizer=a.base_tokenizer,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -40,7 +40,7 @@ class LoadedModel:
 
     model: LatentDiffusion  # eval mode, frozen: first stage, conditioner, UNet, schedule
     path: Path
-    format: str  # lightning | export | compvis
+    format: str  # lightning | export | compvis | diffusers
     used_ema: bool  # whether the UNet holds EMA weights
     image_size: int | tuple[int, int] | None = None  # (H, W) or side in pixels the model was trained at
     config: dict | None = field(default=None, repr=False)
@@ -77,7 +77,20 @@ def load_model(
 ) -> LoadedModel:
     """Build the model a checkpoint file describes and load its weights (never unpickles code)."""
     path = Path(path)
+    if path.is_dir() and (path / "model_index.json").is_file():  # a diffusers StableDiffusionPipeline folder
+        from ldm.interop.diffusers_io import load_diffusers_folder
+
+        model, summary = load_diffusers_folder(path, text_encoder=text_encoder)
+        return _ready(LoadedModel(model, path, "diffusers", False, summary["image_size"], summary))
     state, run_config = load_state_dict(path, what="checkpoint (ckpt)")
+    sibling = path.with_suffix(".yaml")  # AUTOMATIC1111's convention: <name>.yaml beside <name>.safetensors
+    if (
+        config is None
+        and recognise.is_original(state)
+        and sibling.is_file()
+        and compvis.is_compvis_yaml(sibling)
+    ):
+        config = sibling  # e.g. our export's model.original.yaml, before a run's config.yaml in the folder
     if config is not None:
         if compvis.is_compvis_yaml(config):
             model, summary = compvis.load_compvis(state, config, use_ema=use_ema, text_encoder=text_encoder)
@@ -96,12 +109,39 @@ def load_model(
         )
     if not isinstance(model_cfg, dict):
         raise _no_config(path, state)
+    if str(model_cfg.get("_target_", "")).endswith("finetune.module_from_base"):
+        return _load_finetune(path, state, run_config, model_cfg, use_ema, text_encoder)
     if STAGE2_TARGET not in str(model_cfg.get("_target_", "")) and "unet" not in model_cfg:
         raise _not_stage2(path, model_cfg)
     fmt = "export" if compvis.is_compvis_state(state) else "lightning"
     model = _build_ours(path, run_config, model_cfg, text_encoder)
     used_ema = _load_ours(model, state, path, fmt, use_ema)
     return _ready(LoadedModel(model, path, fmt, used_ema, _native_size(run_config), run_config))
+
+
+def _load_finetune(
+    path: Path, state: dict, run_config: dict, model_cfg: dict, use_ema: bool, text_encoder: str | None
+) -> LoadedModel:
+    """A fine-tune run (experiment=finetune): the model its base file describes, with the run's weights."""
+    base = Path(str(model_cfg.get("base_model") or ""))
+    if not base.exists():
+        original = path.parent / "model.original.safetensors"
+        hint = f" or load {original}, which is self-contained" if original.is_file() else ""
+        raise UserError(
+            f"{path} was fine-tuned from {base}, which the model is rebuilt from, but that file is not there "
+            f"any more: put it back{hint} (`python -m ldm.interop.export {path.parent} OUT.safetensors` "
+            "writes such a file)."
+        )
+    loaded = load_model(
+        base,
+        config=model_cfg.get("base_config"),
+        text_encoder=text_encoder or model_cfg.get("text_encoder"),
+        use_ema=False,  # the run's own weights replace them
+    )
+    fmt = "export" if compvis.is_compvis_state(state) else "lightning"
+    used = _load_ours(loaded.model, state, path, fmt, use_ema)
+    size = _native_size(run_config) or loaded.image_size
+    return _ready(LoadedModel(loaded.model, path, fmt, used, size, run_config))
 
 
 def _native_size(run_config: dict) -> int | tuple[int, int] | None:

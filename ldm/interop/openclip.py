@@ -192,4 +192,36 @@ def load_weights(encoder: FrozenTextEncoder, weights: Mapping[str, Tensor]) -> N
             encoder.null_context.copy_(encoder.encode_prompts([""]))
 
 
-__all__ = ["openclip_text_config", "openclip_text_encoder", "openclip_text_weights", "read_tokenizer"]
+def openclip_state(weights: Mapping[str, Tensor], prefix: str = OPENCLIP) -> dict[str, Tensor]:
+    """The inverse of `openclip_text_weights`: CLIPTextModel names -> OpenCLIP names under `prefix`, with
+    q/k/v merged back into `attn.in_proj_weight` (3D, D) / `in_proj_bias` (3D,). `text_projection`,
+    `logit_scale` and `attn_mask` are not written (not modelled: the UNet reads per-token states)."""
+    renames = {ours: theirs for theirs, ours in RENAMES.items()}
+    blocks = {ours: theirs for theirs, ours in BLOCK_RENAMES.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in weights.items():
+        name = key[len("text_model.") :] if key.startswith("text_model.") else key  # transformers 4.x level
+        if name in renames:
+            out[prefix + renames[name]] = value
+        elif name.startswith("encoder.layers."):
+            index, rest = name[len("encoder.layers.") :].split(".", 1)
+            module, _, leaf = rest.rpartition(".")
+            block = f"{prefix}{RESBLOCK}{index}."
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                if module == "self_attn.q_proj":  # (D, ...) x 3 -> (3D, ...) in q, k, v order
+                    parts = [weights[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+                    out[f"{block}attn.in_proj_{leaf}"] = torch.cat(parts, dim=0)
+            else:
+                out[f"{block}{blocks[module]}.{leaf}"] = value
+        elif name != "embeddings.position_ids":  # a constant arange (older transformers store it)
+            raise UserError(f"text encoder weight {key} has no OpenCLIP counterpart; cannot export it.")
+    return out
+
+
+__all__ = [
+    "openclip_state",
+    "openclip_text_config",
+    "openclip_text_encoder",
+    "openclip_text_weights",
+    "read_tokenizer",
+]

@@ -27,6 +27,9 @@ from torch import Tensor, nn
 FIRST_STAGE: dict[str, Callable[[dict], tuple[nn.Module, dict]]] = {}
 COND_STAGE: dict[str, Callable[[BuildContext], dict[str, nn.Module]]] = {}
 MODEL_KIND: dict[str, Callable[[BuildContext], dict[str, nn.Module]]] = {}
+# Export back (ldm.interop.export): our conditioner class name -> exporters, tried in order; each returns the
+# conditioner's tensors under the original names, or None when it is not the original kind it writes.
+COND_EXPORT: dict[str, list[Callable[[nn.Module, nn.Module], dict[str, Tensor] | None]]] = {}
 
 
 @dataclass
@@ -93,6 +96,18 @@ def cond_stage(*names: str) -> Callable[[Callable], Callable]:
 
 def model_kind(*names: str) -> Callable[[Callable], Callable]:
     return _register(MODEL_KIND, names)
+
+
+def cond_export(*names: str) -> Callable[[Callable], Callable]:
+    """`@cond_export("ClassEmbedder")`: `fn(conditioner, model: LatentDiffusion) -> {original key: tensor}`
+    (None: not this exporter's kind), the inverse of the `@cond_stage` builder beside it."""
+
+    def deco(fn: Callable) -> Callable:
+        for name in names:
+            COND_EXPORT.setdefault(name, []).append(fn)
+        return fn
+
+    return deco
 
 
 def load_families() -> None:

@@ -185,8 +185,9 @@ class LatentDiffusion(nn.Module):
         for key in ("image", "masked_image", "segmap"):
             if key in batch and hasattr(batch[key], "shape"):
                 return batch[key].shape[-2] // f, batch[key].shape[-1] // f
-        if "latent_mean" in batch:
-            return tuple(batch["latent_mean"].shape[-2:])
+        for key in ("latent_mean", "latent"):  # cached KL moments, or a cached (VQ) latent
+            if key in batch:
+                return tuple(batch[key].shape[-2:])
         if "lowres" in batch:  # SuperResConditioner.upscale = latent side / low-res side
             up = self.superres_upscale()
             return round(batch["lowres"].shape[-2] * up), round(batch["lowres"].shape[-1] * up)

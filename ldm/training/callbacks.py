@@ -95,8 +95,20 @@ class ExportSafetensors(pl.Callback):
     (stage 1: the autoencoder alone; stage 2: EMA UNet + first stage + conditioner in the CompVis layout).
     """
 
-    def __init__(self, path: str = "model.safetensors") -> None:
+    def __init__(
+        self,
+        path: str = "model.safetensors",
+        original: bool = False,  # also write the original CompVis/Stability layout (stage 2), see below
+        original_path: str | None = None,  # default: model.original.safetensors beside `path`
+        original_dtype: str = "fp32",  # fp32 | fp16 | bf16 (schedule buffers stay fp32)
+        original_ema_only: bool = True,  # EMA weights as the UNet (*-emaonly files); false: raw + model_ema.*
+    ) -> None:
         self.path = Path(path)
+        self.original = bool(original)
+        beside = self.path.with_suffix(".original.safetensors")
+        self.original_path = Path(original_path) if original_path else beside
+        self.original_dtype = original_dtype
+        self.original_ema_only = bool(original_ema_only)
         self.config: dict | None = None
         self._exported_step = -1
 
@@ -124,7 +136,38 @@ class ExportSafetensors(pl.Callback):
         if trainer.is_global_zero:
             save_safetensors(state, self.path, self._config_for(pl_module))
             log.info("exported %d tensors to %s", len(state), self.path)
+        if self.original:
+            self._export_original(trainer, pl_module)
         self._exported_step = trainer.global_step
+
+    def _export_original(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """`original: true`: the original layout (`ldm.interop.export`) + its yaml, for other tools.
+
+        Models no original family describes (e.g. a MiniLM text encoder) are skipped with a warning: their
+        `model.safetensors` (our layout) is the export."""
+        from ldm.interop import export
+
+        model = getattr(pl_module, "model", None)
+        if model is None or not hasattr(model, "conditioner"):
+            log.warning("callbacks.export.original: only stage-2 models have an original layout; skipped")
+            return
+        ema = getattr(pl_module, "ema", None)
+        shadows = {n: getattr(ema, b) for n, b in ema._names.items()} if ema is not None else None
+        try:
+            state = export.original_state(
+                model,
+                shadows,
+                ema_only=self.original_ema_only,
+                ema_updates=int(ema.num_updates) if ema is not None else 0,
+                ema_decay=float(ema.decay) if ema is not None else 0.9999,
+                betas=export.run_betas(self.config),
+            )
+        except export.NoOriginalLayout as e:
+            log.warning("%s %s (our layout) is the export; %s not written.", e, self.path, self.original_path)
+            return
+        if trainer.is_global_zero:
+            yaml = export.run_yaml_text(self._config_for(pl_module), model)
+            export.save_original(state, self.original_path, self.original_dtype, yaml)
 
 
 class GracefulInterrupt(pl.Callback):

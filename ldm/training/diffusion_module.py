@@ -18,7 +18,7 @@ from ldm.models.first_stage import LatentCodec, weights_identity
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.modules.ema import EMA
 from ldm.samplers.sigmas import StepSchedule
-from ldm.training.optim import build_adamw
+from ldm.training.optim import build_optimizer
 from ldm.training.resume_check import check_resume_state
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,9 @@ class LatentDiffusionModule(pl.LightningModule):
         conditioner: Conditioner,
         first_stage: LatentCodec,
         loss: DiffusionLoss,
-        optim: Mapping[str, Any],  # build_adamw kwargs: lr, betas, weight_decay, warmup_steps, schedule, ...
+        optim: Mapping[
+            str, Any
+        ],  # lr, warmup_steps, schedule, min_lr_ratio, optimizer (partial), its options
         ema_decay: float = 0.9999,  # 0 disables EMA (previews and export then use the raw weights)
         ema_warmup: bool = True,  # LDM's min(decay, (1+n)/(10+n)): EMA useful from the first steps
         sampler: Callable[..., Tensor] | None = None,  # preview sampler (a conf/sampler partial)
@@ -45,10 +47,12 @@ class LatentDiffusionModule(pl.LightningModule):
         init_from: str | None = None,  # fine-tune: start from these weights (export, .ckpt or SD v1 file)
         refit_scale_factor: bool = False,  # with init_from: fit the latent scale anew instead of the file's
         sample_posterior: bool = True,  # KL first stage: a posterior draw per step (CompVis), or its mean
+        conditioner_lr: Mapping[str, float] | None = None,  # own LR (param group) per trainable conditioner
     ) -> None:
         super().__init__()
         self.model = LatentDiffusion(unet, conditioner, first_stage, loss, sample_posterior=sample_posterior)
         self.optim = dict(optim)
+        self.conditioner_lr = dict(conditioner_lr or {})
         self.sampler = sampler
         self.preview_steps = StepSchedule(steps=preview_steps, spacing=self.model.default_spacing)
         self.preview_cfg_scale = preview_cfg_scale
@@ -58,6 +62,18 @@ class LatentDiffusionModule(pl.LightningModule):
         self._fixed_batch: dict[str, Any] | None = None
         self._backup: list[Tensor] | None = None
         self._base_seed = 0
+
+    @classmethod
+    def from_model(
+        cls, model: LatentDiffusion, *, optim: Mapping[str, Any], **options: Any
+    ) -> LatentDiffusionModule:
+        """Training around an existing plain model (e.g. released weights from `ldm.interop.load.load_model`).
+
+        Its pieces are taken as they are (weights, `requires_grad`, latent scale, schedule); EMA starts from
+        the parameters that require grad. `options`: the constructor's other keywords (ema_decay, sampler,
+        conditioner_lr, ...; not init_from)."""
+        options.setdefault("sample_posterior", model.sample_posterior)
+        return cls(model.unet, model.conditioner, model.first_stage, model.loss, optim, **options)
 
     # The pieces, for reading (the plain model owns them; its names are the export's, without `model.`).
     unet = property(lambda self: self.model.unet)
@@ -206,10 +222,21 @@ class LatentDiffusionModule(pl.LightningModule):
             state["model." + key] = state.pop(key)
         check_resume_state(self, checkpoint)
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The UNet + trainable conditioners in one group; conditioners named in `conditioner_lr` in their own
+        (`lr` = that value; the LR schedule multiplies every group's)."""
+        main, own = list(self.unet.parameters()), []
+        for name, c in self.conditioner.conditioners.items():
+            params = [p for p in c.parameters() if p.requires_grad] if c.trainable else []
+            if name in self.conditioner_lr:
+                own.append({"params": params, "lr": float(self.conditioner_lr[name]), "name": name})
+            else:
+                main += params
+        return [{"params": main, "name": "unet"}, *own]
+
     def configure_optimizers(self) -> dict:
-        params = list(self.unet.parameters()) + self.conditioner.trainable_parameters()
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
-        return build_adamw(params, total_steps=total, **self.optim)
+        return build_optimizer(self.param_groups(), total_steps=total, **self.optim)
 
     # ---- previews and export ----------------------------------------------------------------------
 

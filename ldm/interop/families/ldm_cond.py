@@ -16,7 +16,7 @@ import torch
 
 from ldm.conditioning import BERTEmbedder, ClassEmbedder
 from ldm.errors import UserError
-from ldm.interop.registry import BuildContext, cond_stage
+from ldm.interop.registry import BuildContext, cond_export, cond_stage
 
 COND = "cond_stage_model."
 IMAGENET_WITH_NULL = 1001  # cin256-v2: 1000 ImageNet classes + the null class 1000 its notebook guided with
@@ -107,3 +107,20 @@ def _bert(ctx: BuildContext, cp: dict[str, Any], vocab_size: int) -> BERTEmbedde
             f"({ctx.where('cond_stage_config.params.vocab_size')}); pass text_encoder=<folder with the "
             "vocab.txt it was trained with> (the original: bert-base-uncased's)."
         ) from None
+
+
+# -- export back (ldm.interop.export) ---------------------------------------------------------------------
+
+
+@cond_export("ClassEmbedder")
+def class_export(embedder: ClassEmbedder, model: Any) -> dict[str, torch.Tensor] | None:
+    """`cond_stage_model.embedding.weight` (rows, D); None for the class-label (adm) mode, which has none."""
+    if embedder.embedding is None:
+        return None
+    return {COND + "embedding.weight": embedder.embedding.weight}
+
+
+@cond_export("BERTEmbedder")
+def bert_export(embedder: BERTEmbedder, model: Any) -> dict[str, torch.Tensor]:
+    """`cond_stage_model.transformer.*`: our names below the prefix are the original's (no to_logits head)."""
+    return {COND + k: v for k, v in embedder.state_dict().items()}

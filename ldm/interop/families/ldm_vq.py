@@ -20,7 +20,7 @@ from typing import Any
 
 from ldm.conditioning.spatial import InpaintingConditioner, SpatialRescaler, SuperResConditioner
 from ldm.errors import UserError
-from ldm.interop.registry import BuildContext, cond_stage, first_stage
+from ldm.interop.registry import BuildContext, cond_export, cond_stage, first_stage
 from ldm.models.autoencoder import VQModel
 
 COND = "cond_stage_model."
@@ -142,3 +142,27 @@ def masked_image(ctx: BuildContext) -> dict[str, Any]:
         masked_fill=-1.0,  # masked_image = (1 - mask) * image in [0, 1], then mapped to [-1, 1]
     )
     return {"inpaint": conditioner}
+
+
+# -- export back (ldm.interop.export) ---------------------------------------------------------------------
+
+
+@cond_export("SpatialRescaler")
+def rescaler_export(rescaler: SpatialRescaler, model: Any) -> dict[str, Any]:
+    """`cond_stage_model.channel_mapper.*` (our names below the prefix are the original's)."""
+    return {COND + k: v for k, v in rescaler.state_dict().items()}
+
+
+@cond_export("SuperResConditioner")
+def low_res_export(conditioner: SuperResConditioner, model: Any) -> dict[str, Any]:
+    """bsr_sr's torch.nn.Identity: no weights."""
+    return {}
+
+
+@cond_export("InpaintingConditioner")
+def masked_image_export(conditioner: InpaintingConditioner, model: Any) -> dict[str, Any]:
+    """inpainting_big (`__is_first_stage__`) holds the first stage again under `cond_stage_model.*`; SD's
+    hybrid inpainting (mask first) encodes with the first stage itself and stores nothing."""
+    if conditioner.order != "image_first":
+        return {}
+    return {COND + k: v.clone() for k, v in model.first_stage.autoencoder.state_dict().items()}

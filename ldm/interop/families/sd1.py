@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ldm.interop.registry import BuildContext, cond_stage, first_stage
+import torch
+
+from ldm.interop.registry import BuildContext, cond_export, cond_stage, first_stage
 from ldm.models.autoencoder import AutoencoderKL
 
 
@@ -32,3 +34,21 @@ def clip_embedder(ctx: BuildContext) -> dict[str, Any]:
         layer=cp.get("layer", "last"),
     )
     return {TEXT_NAME: encoder}
+
+
+@cond_export("FrozenTextEncoder")
+def clip_export(encoder: torch.nn.Module, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A CLIP text model (OpenAI's quick_gelu, SD 1.x) -> `cond_stage_model.transformer.text_model.*`, with
+    the `embeddings.position_ids` (1, 77) int64 buffer SD 1.x files carry. None for any other text model."""
+    from ldm.interop.compvis import CLIP_TEXT
+
+    config = encoder.transformer.config
+    if not getattr(encoder, "is_clip", False) or getattr(config, "hidden_act", "") != "quick_gelu":
+        return None
+    out = {}
+    for key, value in encoder.transformer.state_dict().items():
+        name = key[len("text_model.") :] if key.startswith("text_model.") else key  # transformers 4.x level
+        out[CLIP_TEXT + name] = value
+    positions = int(config.max_position_embeddings)
+    out[CLIP_TEXT + "embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
+    return out

@@ -17,8 +17,8 @@ from typing import Any
 
 from ldm.conditioning.noise_augment import NoiseAugmentedLowRes, NoiseLevel
 from ldm.errors import UserError
-from ldm.interop.openclip import openclip_text_encoder
-from ldm.interop.registry import BuildContext, class_name, cond_stage, model_kind
+from ldm.interop.openclip import OPENCLIP, openclip_state, openclip_text_encoder
+from ldm.interop.registry import BuildContext, class_name, cond_export, cond_stage, model_kind
 
 TEXT_NAME = "text"  # as compvis.TEXT_NAME: the conditioner entry of a text encoder
 LOWRES_NAME, LEVEL_NAME = "lowres", "noise_level"
@@ -75,3 +75,31 @@ def upscale_conditioners(ctx: BuildContext) -> dict[str, Any]:
         input_key=LOWRES_NAME,
     )
     return {LOWRES_NAME: lowres, LEVEL_NAME: NoiseLevel(level, num_classes, input_key=LOWRES_NAME)}
+
+
+# -- export back (ldm.interop.export) ---------------------------------------------------------------------
+
+
+@cond_export("FrozenTextEncoder")
+def openclip_export(encoder: Any, model: Any) -> dict[str, Any] | None:
+    """A CLIP-architecture text model with exact GELU (what `openclip_embedder` builds) -> OpenCLIP names
+    under `cond_stage_model.model.*`. None for OpenAI CLIP (quick_gelu: sd1's exporter) or non-CLIP models."""
+    config = encoder.transformer.config
+    if not getattr(encoder, "is_clip", False) or getattr(config, "hidden_act", "") != "gelu":
+        return None
+    return openclip_state(encoder.transformer.state_dict(), OPENCLIP)
+
+
+@cond_export("NoiseAugmentedLowRes")
+def low_scale_export(lowres: Any, model: Any) -> dict[str, Any]:
+    """The x4 upscaler's `low_scale_model.*` schedule buffers (AbstractLowScaleModel.register_schedule)."""
+    from ldm.interop.export import schedule_buffers
+
+    buffers = schedule_buffers(lowres.schedule.alphas_cumprod, posterior=False)
+    return {"low_scale_model." + k: v for k, v in buffers.items()}
+
+
+@cond_export("NoiseLevel")
+def noise_level_export(level: Any, model: Any) -> dict[str, Any]:
+    """The noise level is the UNet's class label: no weights of its own."""
+    return {}
