@@ -261,3 +261,22 @@ def test_resumable_checkpoint_resolves(tmp_path):
     torch.save(_checkpoint(3), last)
     assert resolve_ckpt_path("last", tmp_path / "runs") == str(last.resolve())
     assert os.path.samefile(resolve_ckpt_path(str(last), tmp_path), last)
+
+
+def test_atomic_writes_keep_ordinary_file_permissions(tmp_path):
+    """mkstemp makes 0600 files: a checkpoint must be as readable as any file the user writes (group runs)."""
+    import stat
+
+    from ldm.interop.checkpoint import save_checkpoint_file, save_safetensors
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint_file({"x": torch.zeros(1)}, tmp_path / "a.ckpt")
+        save_safetensors({"x": torch.zeros(1)}, tmp_path / "m.safetensors", {"model": {}})
+        for name in ("a.ckpt", "m.safetensors", "config.yaml"):
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+        os.chmod(tmp_path / "a.ckpt", 0o640)  # an existing file keeps the mode it was given
+        save_checkpoint_file({"x": torch.ones(1)}, tmp_path / "a.ckpt")
+        assert stat.S_IMODE((tmp_path / "a.ckpt").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)

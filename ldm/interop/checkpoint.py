@@ -83,6 +83,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:  # what was written, on disk before the rename makes it visible
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))  # mkstemp's 0600 would hide checkpoints from the user's group
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -94,6 +95,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             ) from None
         raise
     _fsync_folder(path.parent)
+
+
+def _file_mode(path: Path) -> int:
+    """The mode a plain `open(path, "w")` would give: the existing file's, else 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def save_checkpoint_file(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path:
