@@ -89,6 +89,7 @@ bench: install
 	$(BIN)/python bench/bench_unet.py
 	$(BIN)/python bench/bench_sampling.py
 	$(BIN)/python bench/bench_dataloader.py
+	$(BIN)/python bench/bench_finetune.py
 
 clean:
 	rm -rf outputs data/shards

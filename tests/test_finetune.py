@@ -345,7 +345,6 @@ def test_command_cin256_accumulates_validates_and_exports(tiny_data, tmp_path):
     assert len(images) == 2 and images[0].size == (16, 16)
 
 
-@pytest.mark.slow
 def test_command_sd_v1_with_prompts_and_bf16(sd_base, tiny_data, tmp_path):
     file, config, tokenizer = sd_base
     out = tmp_path / "run"
@@ -368,7 +367,6 @@ def test_command_sd_v1_with_prompts_and_bf16(sd_base, tiny_data, tmp_path):
     assert info["images"] == [{"caption": "a red circle", "seed": 3}]
 
 
-@pytest.mark.slow
 def test_command_bsr_sr_reads_lowres_from_the_superres_task(tiny_data, tmp_path):
     overrides = finetune_overrides(
         tiny_data,
@@ -386,7 +384,6 @@ def test_command_bsr_sr_reads_lowres_from_the_superres_task(tiny_data, tmp_path)
     assert (tmp_path / "run" / "images" / "validation_step000001.png").is_file()
 
 
-@pytest.mark.slow
 def test_resume_last_matches_the_uninterrupted_run(tiny_data, tmp_path):
     straight, parts = tmp_path / "a" / "run", tmp_path / "b" / "run"
     train.train(compose_train(cin_overrides(tiny_data, straight, 4, "validation.every_n_steps=0")))

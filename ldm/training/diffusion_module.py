@@ -181,6 +181,10 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        # Free the gradients now: Lightning zeroes them only after the next forward pass, which kept one
+        # UNet-sized copy alive through it (bench_finetune: peak memory 1.14x diffusers' recipe; 1.006x now).
+        optimizer = args[2] if len(args) > 2 else kwargs["optimizer"]
+        optimizer.zero_grad(set_to_none=True)
         # One EMA update per optimizer step (with gradient accumulation, not every batch). Here rather than
         # in on_train_batch_end: checkpoint callbacks run before the module's batch-end hook, so a step-N
         # checkpoint would hold the EMA of step N-1 and every resume would drop one EMA update.

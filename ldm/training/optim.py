@@ -63,7 +63,8 @@ def adamw(
     weight_decay: float = 0.0,
     eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
-    """torch AdamW (Loshchilov & Hutter 2019): fused kernels when every parameter is on CUDA, else foreach."""
+    """torch AdamW (Loshchilov & Hutter 2019): fused kernels when every parameter is on CUDA, else torch's
+    own choice (foreach on CUDA; on CPU the per-tensor loop, which needs no weight-sized temporary)."""
     fused = _all_cuda(params)
     return torch.optim.AdamW(
         params,
@@ -72,7 +73,7 @@ def adamw(
         weight_decay=weight_decay,
         eps=eps,
         fused=fused or None,
-        foreach=None if fused else True,
+        foreach=None,
     )
 
 
