@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_interop import tiny_clip_tokenizer
+from test_interop import tiny_clip_text_model, tiny_clip_tokenizer
 from train_helpers import tiny_ae, tiny_data  # noqa: F401 - fixtures
 
 from ldm.conditioning.base import BaseConditioner
@@ -58,24 +58,9 @@ def tokenizer(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def clip_folders(tmp_path_factory) -> tuple[str, str]:
     """(a tiny random CLIPTextModel + tokenizer save_pretrained folder, the tokenizer-only folder)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     root = tmp_path_factory.mktemp("clip_run")
     tokenizer = tiny_clip_tokenizer(root / "tokenizer")
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=1,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    CLIPTextModel(config).save_pretrained(root / "full")
+    tiny_clip_text_model(tokenizer).save_pretrained(root / "full")
     tokenizer.save_pretrained(root / "full")
     return str(root / "full"), str(root / "tokenizer")
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_interop import SD_V1_YAML, compvis_text_state, tiny_clip_tokenizer
+from test_interop import SD_V1_YAML, compvis_text_state, tiny_clip_text_model, tiny_clip_tokenizer
 from train_helpers import compose_train, load_ckpt
 
 import train
@@ -33,24 +33,9 @@ OPTIM = {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"}
 @pytest.fixture(scope="module")
 def sd_base(reference_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
     """(tiny SD v1 file, its yaml, a CLIP tokenizer folder): reference UNet + VAE, a random 2-layer CLIP."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     root = tmp_path_factory.mktemp("sd_base")
     tokenizer = tiny_clip_tokenizer(root / "tokenizer")
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=1,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    clip = CLIPTextModel(config).eval()
+    clip = tiny_clip_text_model(tokenizer)
     path = reference_dir / "sd_v1_tiny.safetensors"
     tensors = load_file(str(path))
     with safe_open(str(path), "pt") as f:

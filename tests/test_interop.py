@@ -116,17 +116,14 @@ def tiny_clip_tokenizer(folder):
     return tokenizer
 
 
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    """(full save_pretrained folder, tokenizer-only folder, the CLIPTextModel) — random, 2 layers, 64 wide."""
+def tiny_clip_text_model(tokenizer, width: int = 64, seed: int = 0):
+    """A random 2-layer CLIPTextModel (quick_gelu, as OpenAI's CLIP) over `tokenizer`'s vocabulary."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    root = tmp_path_factory.mktemp("clip")
-    tokenizer = tiny_clip_tokenizer(root / "tokenizer_only")
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=CLIP_WIDTH,
-        intermediate_size=128,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=1,
         max_position_embeddings=77,
@@ -135,8 +132,16 @@ def clip(tmp_path_factory):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    model = CLIPTextModel(config).eval()
+    torch.manual_seed(seed)
+    return CLIPTextModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """(full save_pretrained folder, tokenizer-only folder, the CLIPTextModel) — random, 2 layers, 64 wide."""
+    root = tmp_path_factory.mktemp("clip")
+    tokenizer = tiny_clip_tokenizer(root / "tokenizer_only")
+    model = tiny_clip_text_model(tokenizer, CLIP_WIDTH)
     model.save_pretrained(root / "full")
     tokenizer.save_pretrained(root / "full")
     return root / "full", root / "tokenizer_only", model
