@@ -194,13 +194,19 @@ def boolean(key: str, value: Any, cfg: DictConfig) -> str | None:
     return None if isinstance(value, bool) else f"must be true or false; e.g. {key}=true."
 
 
-def existing_file(what: str, required: str | None = None) -> Rule:
-    """A path to an existing file (not a folder); null is fine unless `required` says how to set it."""
+DIFFUSERS_FOLDER = "model_index.json"  # a diffusers pipeline folder loads where a checkpoint file does
+
+
+def existing_file(what: str, required: str | None = None, folder_with: str | None = None) -> Rule:
+    """A path to an existing file (not a folder, unless it holds `folder_with`); null is fine unless
+    `required` says how to set it."""
 
     def rule(key: str, value: Any, cfg: DictConfig) -> str | None:
         if value in (None, ""):
             return None if required is None else required
         path = Path(str(value)).expanduser()
+        if folder_with is not None and (path / folder_with).is_file():
+            return None
         if path.is_dir():
             return f"is a folder; pass the {what} file inside it (e.g. {path / 'model.safetensors'})."
         if not path.is_file():
@@ -397,9 +403,7 @@ def base_model(key: str, value: Any, cfg: DictConfig) -> str | None:
         "experiment=finetune needs the file to fine-tune: pass base_model=<file> (an original SD 1.x/2.x or "
         "LDM checkpoint, or a train.py model.safetensors)."
     )
-    if value and (Path(str(value)).expanduser() / "model_index.json").is_file():
-        return None  # a diffusers pipeline folder (save_pretrained layout)
-    return existing_file("base model", required)(key, value, cfg)
+    return existing_file("base model", required, folder_with=DIFFUSERS_FOLDER)(key, value, cfg)
 
 
 def text_encoder_folder(key: str, value: Any, cfg: DictConfig) -> str | None:

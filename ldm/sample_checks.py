@@ -13,6 +13,7 @@ from ldm.config_checks import (
     _ABSENT,
     CONF_DIR,
     DEVICE,
+    DIFFUSERS_FOLDER,
     SAMPLE_PRECISIONS,
     Check,
     _get,
@@ -92,6 +93,7 @@ SAMPLE_CHECKS: list[Check] = [
             "checkpoint",
             required="pass ckpt=<model.safetensors or .ckpt from train.py, or an original checkpoint "
             "+ config=<yaml>>.",
+            folder_with=DIFFUSERS_FOLDER,
         ),
     ),
     Check("config", existing_file("CompVis yaml")),

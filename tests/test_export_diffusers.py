@@ -260,3 +260,33 @@ def test_cli_writes_the_diffusers_folder_and_refuses_other_models(exported, tmp_
     assert export.main([*args, "--config", str(cin / "config.yaml")]) == 2
     assert "Stable Diffusion text-to-image models" in capsys.readouterr().err
     assert not (tmp_path / "cin").exists()
+
+
+def test_sample_py_takes_a_diffusers_folder(exported, tmp_path):
+    """`python sample.py ckpt=<diffusers folder>`: the config checks let a pipeline folder through."""
+    import json
+    import subprocess
+    import sys
+
+    folder = exported[3]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            f"ckpt={folder}",
+            "prompt=a red circle",
+            "n=1",
+            "steps=2",
+            "device=cpu",
+            f"out_dir={tmp_path}",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["checkpoint"]["format"] == "diffusers" and record["size"] == {"height": 64, "width": 64}
