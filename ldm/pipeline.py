@@ -39,7 +39,6 @@ from ldm.samplers import (
 )
 from ldm.samplers.sigmas import StepSchedule
 from ldm.sampling import tasks as T
-from ldm.sampling.job import supported_tasks
 from ldm.sampling.records import make_record, write_outputs
 from ldm.sampling.runner import Settings, prepare, resolve_device, run_job
 from ldm.training.images import to_uint8
@@ -135,7 +134,7 @@ class Pipeline:
     @property
     def tasks(self) -> tuple[str, ...]:
         """The tasks this model supports (from the inputs its conditioner reads)."""
-        return supported_tasks(self.loaded.input_keys)
+        return self.loaded.tasks
 
     # ---- the one general call ---------------------------------------------------------------------
 
