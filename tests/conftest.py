@@ -42,3 +42,11 @@ def _no_stale_log_handlers():
             if getattr(getattr(handler, "stream", None), "closed", False):
                 logger.removeHandler(handler)
     yield
+
+
+@pytest.fixture(scope="session")
+def sd_base(reference_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(tiny SD v1 file in the original layout, its yaml, CLIP tokenizer folder): tests/sd_fixtures.py."""
+    from sd_fixtures import build_sd_base
+
+    return build_sd_base(tmp_path_factory.mktemp("sd_base"), reference_dir)

@@ -3,17 +3,14 @@ what stays frozen, EMA, param groups, optimizers, validation images, accumulatio
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_interop import SD_V1_YAML, compvis_text_state, tiny_clip_text_model, tiny_clip_tokenizer
 from train_helpers import compose_train, load_ckpt
 
 import train
@@ -28,32 +25,6 @@ GOLDENS = Path(__file__).parent / "goldens"
 CIN = GOLDENS / "ldm_cin256"
 BSR = GOLDENS / "ldm_bsr_sr"
 OPTIM = {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"}
-
-
-@pytest.fixture(scope="module")
-def sd_base(reference_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(tiny SD v1 file, its yaml, a CLIP tokenizer folder): reference UNet + VAE, a random 2-layer CLIP."""
-    root = tmp_path_factory.mktemp("sd_base")
-    tokenizer = tiny_clip_tokenizer(root / "tokenizer")
-    clip = tiny_clip_text_model(tokenizer)
-    path = reference_dir / "sd_v1_tiny.safetensors"
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        meta = {k: json.loads(v) for k, v in f.metadata().items()}
-    state = {
-        k: v for k, v in tensors.items() if k.startswith(("model.diffusion_model.", "first_stage_model."))
-    }
-    state["scale_factor"] = torch.tensor(0.18215)
-    state["alphas_cumprod"] = tensors["io.alphas_cumprod"]
-    state.update(compvis_text_state(clip))
-    params = copy.deepcopy(SD_V1_YAML)
-    p = params["model"]["params"]
-    p["image_size"] = 8  # latent side: the f=8 VAE makes that 64 px
-    p["unet_config"]["params"] = {**meta["unet"], "use_checkpoint": True}
-    p["first_stage_config"]["params"]["ddconfig"] = meta["autoencoder"]["ddconfig"]
-    (root / "v1-tiny.yaml").write_text(yaml.safe_dump(params))
-    save_file({k: v.contiguous() for k, v in state.items()}, root / "tiny-sd.safetensors")
-    return root / "tiny-sd.safetensors", root / "v1-tiny.yaml", root / "tokenizer"
 
 
 def sd_module(sd_base, **kw):

@@ -63,8 +63,11 @@ class DiffusionLoss(nn.Module):
         t: Tensor | None = None,  # (B,) integer timesteps; sampled uniformly when None
         noise: Tensor | None = None,  # the full noise (offset included); sampled when None
         generator: torch.Generator | None = None,  # on x0's device; for t and noise
+        sample_weight: Tensor | None = None,  # (B,) per-sample factors, e.g. DreamBooth's prior_loss_weight
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Return (scalar loss, logs) for clean latents x0 (B, C, H, W) and conditioning kwargs `cond`."""
+        """Return (scalar loss, logs) for clean latents x0 (B, C, H, W) and conditioning kwargs `cond`.
+
+        The loss is the batch mean of w(t) * sample_weight * per-sample error (sample_weight defaults to 1)."""
         batch = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.schedule.num_timesteps, (batch,), generator=generator, device=x0.device)
@@ -80,6 +83,9 @@ class DiffusionLoss(nn.Module):
         error = output.float() - target.float()
         err = error.abs() if self.loss_type == "l1" else error.square()
         per_sample = err.mean(dim=tuple(range(1, err.ndim)))  # (B,)
-        loss = (self.weights(t) * per_sample).mean()
+        weights = self.weights(t)
+        if sample_weight is not None:
+            weights = weights * sample_weight.to(weights.device, weights.dtype).reshape(batch)
+        loss = (weights * per_sample).mean()
         logs = {"loss": loss.detach(), "loss_unweighted": per_sample.mean().detach()}
         return loss, logs

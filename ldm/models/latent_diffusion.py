@@ -138,12 +138,17 @@ class LatentDiffusion(nn.Module):
         generator: torch.Generator,
         fit_scale: Callable[[float], float] | None = None,
     ) -> tuple[Tensor, dict]:
-        """The diffusion loss of a batch (condition dropout only when `train`); returns (loss, logs)."""
+        """The diffusion loss of a batch (condition dropout only when `train`); returns (loss, logs).
+
+        A `loss_weight` batch entry (B,) scales each sample's loss (DreamBooth's prior preservation)."""
         z = self.latents(batch, generator, fit_scale)
         cond = self.conditioner(
             batch, train=train, generator=generator, encode_fn=self.encode_fn, latent_size=tuple(z.shape[-2:])
         )
-        return self.loss(self.net, z, cond, generator=generator)
+        weight = batch.get("loss_weight")
+        if weight is not None and not isinstance(weight, Tensor):
+            weight = torch.as_tensor(weight, dtype=torch.float32)
+        return self.loss(self.net, z, cond, generator=generator, sample_weight=weight)
 
     # ---- sampling ---------------------------------------------------------------------------------
 
