@@ -1,0 +1,1 @@
+"""Adapters on released or trained models: LoRA (peft), textual-inversion embeddings."""
