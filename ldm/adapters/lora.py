@@ -1,4 +1,4 @@
-"""LoRA (Hu et al. 2022, "LoRA: Low-Rank Adaptation of Large Language Models"): W' = W + scale * (alpha/r) * B A.
+"""LoRA (Hu et al. 2022, "Low-Rank Adaptation of Large Language Models"): W' = W + s * (alpha/r) * B A.
 
 The adapter layers themselves come from `peft` (`inject_adapter_in_model`); this module decides *where* they
 go in our UNet and text encoders (by module class, so any model built here — released or trained from scratch
