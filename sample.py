@@ -53,6 +53,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         dtype=PRECISIONS[str(cfg.precision)] or torch.float32,
         use_ema=bool(cfg.use_ema),
         compile=bool(cfg.get("compile")),
+        lora=list(cfg.get("lora") or ()),
+        embeddings=list(cfg.get("embeddings") or ()),
     )
     out = pipe.run(
         task,

@@ -195,9 +195,12 @@ def boolean(key: str, value: Any, cfg: DictConfig) -> str | None:
 
 
 DIFFUSERS_FOLDER = "model_index.json"  # a diffusers pipeline folder loads where a checkpoint file does
+RUN_EXPORT = "model.safetensors"  # a train.py run folder loads as its export
 
 
-def existing_file(what: str, required: str | None = None, folder_with: str | None = None) -> Rule:
+def existing_file(
+    what: str, required: str | None = None, folder_with: str | Sequence[str] | None = None
+) -> Rule:
     """A path to an existing file (not a folder, unless it holds `folder_with`); null is fine unless
     `required` says how to set it."""
 
@@ -205,7 +208,8 @@ def existing_file(what: str, required: str | None = None, folder_with: str | Non
         if value in (None, ""):
             return None if required is None else required
         path = Path(str(value)).expanduser()
-        if folder_with is not None and (path / folder_with).is_file():
+        inside = (folder_with,) if isinstance(folder_with, str) else tuple(folder_with or ())
+        if any((path / name).is_file() for name in inside):
             return None
         if path.is_dir():
             return f"is a folder; pass the {what} file inside it (e.g. {path / 'model.safetensors'})."
@@ -391,19 +395,50 @@ def max_steps(key: str, value: Any, cfg: DictConfig) -> str | None:
     )
 
 
-FINETUNE_TARGET = "ldm.training.finetune.module_from_base"
+# Models built from base_model (experiment=finetune | lora | textual_inversion | dreambooth)
+FINETUNE_TARGETS = (
+    "ldm.training.finetune.module_from_base",
+    "ldm.training.lora.lora_module_from_base",
+    "ldm.training.textual_inversion.ti_module_from_base",
+)
 BNB_TARGETS = ("ldm.training.optim.adamw_8bit",)
 
 
 def base_model(key: str, value: Any, cfg: DictConfig) -> str | None:
-    """experiment=finetune needs an existing base file; elsewhere the key is unused."""
-    if _get(cfg, "model._target_") != FINETUNE_TARGET:
+    """Fine-tunes, LoRA and textual inversion need an existing base file; elsewhere the key is unused."""
+    if _get(cfg, "model._target_") not in FINETUNE_TARGETS:
         return None
     required = (
-        "experiment=finetune needs the file to fine-tune: pass base_model=<file> (an original SD 1.x/2.x or "
-        "LDM checkpoint, or a train.py model.safetensors)."
+        f"experiment={_get(cfg, 'name') or 'finetune'} needs the model to start from: pass base_model=<file> "
+        "(an original SD 1.x/2.x or LDM checkpoint, a diffusers folder, a train.py run or model.safetensors)."
     )
-    return existing_file("base model", required, folder_with=DIFFUSERS_FOLDER)(key, value, cfg)
+    return existing_file("base model", required, folder_with=(DIFFUSERS_FOLDER, RUN_EXPORT))(key, value, cfg)
+
+
+def lora_targets(key: str, value: Any, cfg: DictConfig) -> str | None:
+    from ldm.adapters.lora import TARGET_GROUPS
+
+    if value is None:
+        return None
+    groups = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    bad = [g for g in groups if g not in TARGET_GROUPS]
+    if bad or not groups:
+        return (
+            f"{bad[0] if bad else 'an empty list'} is not a target group; choose from {list(TARGET_GROUPS)}, "
+            f"e.g. '{key}=[attn,ff]' (conv = LoCon: the ResBlock convolutions too)."
+        )
+    return None
+
+
+def lora_text_encoder_lr(key: str, value: Any, cfg: DictConfig) -> str | None:
+    if value is None:
+        return None
+    problem = number(0, low_open=True, what="the text encoder LoRA's learning rate", example=5e-5)(
+        key, value, cfg
+    )
+    if problem is None and _get(cfg, "model.lora.text_encoder") is not True:
+        return "no text-encoder LoRA: add model.lora.text_encoder=true, or drop model.lora.text_encoder_lr."
+    return problem
 
 
 def text_encoder_folder(key: str, value: Any, cfg: DictConfig) -> str | None:
@@ -448,6 +483,13 @@ TRAIN_CHECKS: list[Check] = [
     Check("model.gradient_checkpointing", boolean),
     Check("model.text_encoder_lr", text_encoder_lr),
     Check("model.optim.optimizer._target_", optimizer_device),
+    Check("model.lora.rank", whole(1, "adapter rank", 16)),
+    Check("model.lora.alpha", number(0, low_open=True, what="null = rank", example=16, nullable=True)),
+    Check("model.lora.dropout", number(0, 1, high_open=True, what="adapter input dropout", example=0.1)),
+    Check("model.lora.targets", lora_targets),
+    Check("model.lora.conv_rank", whole(1, "3x3 convolution rank; null = lora.rank", 8, nullable=True)),
+    Check("model.lora.text_encoder", boolean),
+    Check("model.lora.text_encoder_lr", lora_text_encoder_lr),
     Check("validation.prompt_file", existing_file("text file of validation prompts, one a line")),
     Check("validation.every_n_steps", whole(0, "0 = no validation images", 250)),
     # data: the loader, then what the pipeline can do

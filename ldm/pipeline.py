@@ -104,6 +104,7 @@ class Pipeline:
         self.loaded = loaded
         self.device = resolve_device(str(device))
         self.precision = DTYPES[dtype]
+        self.adapters: list[dict[str, Any]] = []  # LoRAs merged and embeddings added, for run records
         prepare(loaded, self.device, compile_unet=compile)
 
     @classmethod
@@ -116,13 +117,48 @@ class Pipeline:
         dtype: torch.dtype = torch.float32,
         use_ema: bool = True,
         compile: bool = False,
+        lora: Sequence[str | tuple[str, float]] = (),  # LoRA files: "a.safetensors:0.8" or (path, scale)
+        embeddings: Sequence[str] = (),  # textual-inversion files (the token is the file name, or path:name)
     ) -> Pipeline:
-        """Load any supported checkpoint (see `ldm.interop.load.load_model`) onto `device`."""
+        """Load any supported checkpoint (see `ldm.interop.load.load_model`) onto `device`, then merge
+        `lora` adapters and add `embeddings` (see `load_lora`, `load_embeddings`)."""
         start = time.perf_counter()
         loaded = load_model(path, config=config, use_ema=use_ema, text_encoder=text_encoder)
         pipe = cls(loaded, device=device, dtype=dtype, compile=compile)
+        for spec in lora:
+            pipe.load_lora(*parse_lora_spec(spec))
+        if embeddings:
+            pipe.load_embeddings(embeddings)
         pipe.load_s = time.perf_counter() - start
         return pipe
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> int:
+        """Merge a LoRA file into the weights: W += scale * (alpha/r) * up @ down (as AUTOMATIC1111 does).
+
+        Reads the AUTOMATIC1111 / ComfyUI / kohya convention and the diffusers / peft one (see
+        `ldm.adapters.lora_files.load_lora`); returns the number of layers changed. Several calls stack.
+        Raises UserError for a file that is not a LoRA of this model's architecture."""
+        from ldm.adapters.lora import merge_lora
+        from ldm.adapters.lora_files import load_lora
+
+        adapters = load_lora(path, self.model)
+        n = merge_lora(self.model, adapters, float(scale))
+        if any(name.startswith("conditioner.") for name in adapters):
+            refresh_null_contexts(self.model)  # "" encodes differently with the text-encoder LoRA
+        self.adapters.append({"kind": "lora", "path": str(path), "scale": float(scale), "layers": n})
+        return n
+
+    def load_embeddings(self, paths: Sequence[str | os.PathLike]) -> list[str]:
+        """Add textual-inversion embeddings (AUTOMATIC1111 `emb_params` / `string_to_param`, diffusers
+        `learned_embeds`); returns their tokens, usable in prompts from now on."""
+        from ldm.adapters.embeddings import load_embeddings
+
+        tokens = load_embeddings(self.model, [str(p) for p in paths])
+        self.model.to(self.device)
+        self.adapters.extend(
+            {"kind": "embedding", "path": str(p), "token": t} for p, t in zip(paths, tokens, strict=True)
+        )
+        return tokens
 
     load_s: float = 0.0
 
@@ -186,6 +222,7 @@ class Pipeline:
             "device": str(self.device),
             "sampler": sampler_record,
             "sampler_name": sampler_record["function"],
+            "adapters": list(self.adapters),
         }
         timings = {"load_s": self.load_s, "total_s": self.load_s + time.perf_counter() - start}
         record = make_record(result, job, self.loaded, run, config, timings, out_dir)
@@ -274,6 +311,29 @@ class Pipeline:
     def uncond(self, **kw: Any) -> Output:
         """Unconditional samples (a text model: its empty prompt)."""
         return self.run(T.Uncond(), **kw)
+
+
+def parse_lora_spec(spec: str | os.PathLike | tuple[str, float] | Sequence[Any]) -> tuple[str, float]:
+    """ "a.safetensors:0.8" -> ("a.safetensors", 0.8); a path without ":<number>" has scale 1.0."""
+    if not isinstance(spec, (str, os.PathLike)):
+        path, scale = spec
+        return str(path), float(scale)
+    text = str(spec)
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def refresh_null_contexts(model: Any) -> None:
+    """Re-encode the cached "" context of text encoders whose weights changed (merged text-encoder LoRA)."""
+    for c in model.conditioner.conditioners.values():
+        if hasattr(c, "null_context") and hasattr(c, "encode_prompts"):
+            with torch.no_grad():
+                c.null_context.copy_(c.encode_prompts([""]).to(c.null_context))
 
 
 def _prompts(prompt: str | Sequence[str] | None) -> str | list[str] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -82,6 +83,27 @@ def labels(key: str, value: Any, cfg: DictConfig) -> str | None:
     return f"class ids are whole numbers >= 0; e.g. {key}=3 or '{key}=[0,2]'."
 
 
+def adapter_files(what: str, with_scale: bool) -> Any:
+    """A list of existing files (LoRA: each `path[:scale]`, the scale a number)."""
+
+    def rule(key: str, value: Any, cfg: DictConfig) -> str | None:
+        from ldm.pipeline import parse_lora_spec
+
+        if value in (None, ""):
+            return None
+        items = list(value) if not isinstance(value, str) else [value]
+        for item in items:
+            path = parse_lora_spec(str(item))[0] if with_scale else str(item).split(":")[0]
+            if not Path(path).expanduser().is_file():
+                example = (
+                    "'lora=[style.safetensors:0.8]'" if with_scale else "'embeddings=[my-cat.safetensors]'"
+                )
+                return f"{path}: no such {what} file; pass existing files, e.g. {example}."
+        return None
+
+    return rule
+
+
 def device(key: str, value: Any, cfg: DictConfig) -> str | None:
     return None if DEVICE.match(str(value)) else "use auto, cpu, mps, cuda or cuda:N."
 
@@ -97,6 +119,8 @@ SAMPLE_CHECKS: list[Check] = [
         ),
     ),
     Check("config", existing_file("CompVis yaml")),
+    Check("lora", adapter_files("LoRA", with_scale=True)),
+    Check("embeddings", adapter_files("textual-inversion embedding", with_scale=False)),
     Check("out_dir", writable_dir),
     Check("n", whole(1, "images per prompt or label", 4)),
     Check("steps", whole(1, "sampler steps", 50)),

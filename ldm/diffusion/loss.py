@@ -67,7 +67,7 @@ class DiffusionLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Return (scalar loss, logs) for clean latents x0 (B, C, H, W) and conditioning kwargs `cond`.
 
-        The loss is the batch mean of w(t) * sample_weight * per-sample error (sample_weight defaults to 1)."""
+        Loss = batch mean of w(t) * sample_weight * per-sample error (sample_weight: 1 by default)."""
         batch = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.schedule.num_timesteps, (batch,), generator=generator, device=x0.device)

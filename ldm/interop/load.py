@@ -77,12 +77,15 @@ def load_model(
 ) -> LoadedModel:
     """Build the model a checkpoint file describes and load its weights (never unpickles code)."""
     path = Path(path)
+    if path.is_dir() and (path / "model.safetensors").is_file():  # a train.py run folder: its export
+        path = path / "model.safetensors"
     if path.is_dir() and (path / "model_index.json").is_file():  # a diffusers StableDiffusionPipeline folder
         from ldm.interop.diffusers_io import load_diffusers_folder
 
         model, summary = load_diffusers_folder(path, text_encoder=text_encoder)
         return _ready(LoadedModel(model, path, "diffusers", False, summary["image_size"], summary))
     state, run_config = load_state_dict(path, what="checkpoint (ckpt)")
+    _refuse_adapter(path, state)
     sibling = path.with_suffix(".yaml")  # AUTOMATIC1111's convention: <name>.yaml beside <name>.safetensors
     if (
         config is None
@@ -166,6 +169,22 @@ def _read_run_config(config: str | os.PathLike) -> dict:
             "unet_config) nor a train.py run config (config.yaml of a run folder)."
         )
     return raw
+
+
+def _refuse_adapter(path: Path, state: dict[str, Tensor]) -> None:
+    """A LoRA or textual-inversion file given as the model: say how to use it with its base model."""
+    keys = list(state)
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_A." in k or ".lora_down." in k for k in keys):
+        raise UserError(
+            f"{path} is a LoRA adapter, not a whole model: load its base model and add the adapter, e.g. "
+            f"sample.py ckpt=<base model> 'lora=[{path}:1.0]' (or merge it: python -m ldm.interop.merge_lora "
+            f"<base> {path} OUT.safetensors)."
+        )
+    if keys and set(keys) <= {"emb_params", "string_to_param", "string_to_token", "name", "step"}:
+        raise UserError(
+            f"{path} is a textual-inversion embedding, not a model: sample.py ckpt=<base model> "
+            f"'embeddings=[{path}]' adds its token."
+        )
 
 
 def _no_config(path: Path, state: dict[str, Tensor]) -> UserError:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from torch import nn
+from torch import Tensor, nn
 
 from ldm.errors import UserError
 from ldm.interop.checkpoint import load_state_dict, strip_prefix
@@ -59,8 +60,13 @@ def load_autoencoder(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 
 def weights_identity(module: nn.Module) -> str:
     """A short sha256 of a module's weights: names latent caches by the autoencoder that made them."""
+    return state_identity(module.state_dict())
+
+
+def state_identity(state: Mapping[str, Tensor]) -> str:
+    """A short sha256 (16 hex digits) of named tensors (names and float32 values, in name order)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
     return h.hexdigest()[:16]

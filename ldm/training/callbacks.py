@@ -132,6 +132,12 @@ class ExportSafetensors(pl.Callback):
         """Write the export of the current step (once: the final grids and on_train_end both ask)."""
         if self._exported_step == trainer.global_step:
             return
+        if hasattr(pl_module, "export_adapter"):  # LoRA / textual inversion: the adapter files, no model
+            files = pl_module.export_adapter(self.path.parent, self._config_for(pl_module))
+            if trainer.is_global_zero:
+                log.info("exported the adapter to %s", ", ".join(str(f) for f in files))
+            self._exported_step = trainer.global_step
+            return
         state = pl_module.export_state_dict()  # every rank (FSDP gathers); rank zero writes
         if trainer.is_global_zero:
             save_safetensors(state, self.path, self._config_for(pl_module))

@@ -224,12 +224,16 @@ class LatentDiffusionModule(pl.LightningModule):
         state = checkpoint.get("state_dict") or {}
         for key in [k for k in state if k.startswith(("unet.", "conditioner.", "first_stage.", "loss."))]:
             state["model." + key] = state.pop(key)
-        check_resume_state(self, checkpoint)
+        check_resume_state(self, checkpoint, self.checkpoint_keys())
+
+    def checkpoint_keys(self) -> dict[str, Tensor] | None:
+        """The state entries a checkpoint of this module holds (None: all of them; adapters: their own)."""
+        return None
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """The UNet + trainable conditioners in one group; conditioners named in `conditioner_lr` in their own
-        (`lr` = that value; the LR schedule multiplies every group's)."""
-        main, own = list(self.unet.parameters()), []
+        """The UNet's trainable parameters + trainable conditioners in one group; conditioners named in
+        `conditioner_lr` in their own (`lr` = that value; the LR schedule multiplies every group's)."""
+        main, own = [p for p in self.unet.parameters() if p.requires_grad], []
         for name, c in self.conditioner.conditioners.items():
             params = [p for p in c.parameters() if p.requires_grad] if c.trainable else []
             if name in self.conditioner_lr:

@@ -146,21 +146,21 @@ def prepare_base(
     return text
 
 
-def module_from_base(
+def load_base(
     base_model: str | None,
-    optim: Mapping[str, Any],
-    base_config: str | None = None,  # the original inference yaml (default: recognised from the keys)
-    text_encoder: str | None = None,  # CLIP tokenizer folder (SD 1.x); text weights come from the file
-    use_ema: bool = True,  # start from the file's EMA UNet when it has one
+    base_config: str | None = None,
+    text_encoder: str | None = None,
+    use_ema: bool = True,
     train_text_encoder: bool = False,
-    text_encoder_lr: float | None = None,  # its own param group; null: optim.lr
-    gradient_checkpointing: bool = False,  # recompute UNet blocks in backward: less memory, ~30% slower
-    cond_dropout: float | None = 0.1,  # caption/label dropout for classifier-free guidance; null: the base's
-    resolution: int | None = None,  # data.resolution, compared with the base's native size
-    sampler: Callable[..., Tensor] | None = None,
-    **options: Any,  # LatentDiffusionModule: ema_decay, ema_warmup, preview_steps, preview_cfg_scale
-) -> FineTuneModule:
-    """The training module for fine-tuning `base_model` (see the module docstring); UserError on bad input."""
+    text_encoder_lr: float | None = None,
+    gradient_checkpointing: bool = False,
+    cond_dropout: float | None = 0.1,
+    resolution: int | None = None,
+) -> tuple[Any, LatentDiffusion, list[str]]:
+    """(LoadedModel, its model made trainable by `prepare_base`, names of its text conditioners).
+
+    Raises UserError for a missing base_model, an unloadable file (messages name base_config=), a text
+    encoder lr without a trainable text encoder, or train_text_encoder on a base without one."""
     from ldm.interop.load import load_model
 
     if not base_model:
@@ -190,15 +190,13 @@ def module_from_base(
             f"model.train_text_encoder=true, but base_model={base_model} has no text encoder "
             f"(it reads {list(model.input_keys)}); drop the option."
         )
-    lr = float(text_encoder_lr if text_encoder_lr is not None else optim["lr"])
-    module = FineTuneModule.from_model(
-        model,
-        optim=optim,
-        sampler=sampler,
-        conditioner_lr={name: lr for name in text} if train_text_encoder else None,
-        **options,
-    )
-    module.base = {
+    return loaded, model, text
+
+
+def base_record(loaded: Any, base_model: str, base_config: str | None, text_encoder: str | None) -> dict:
+    """What a fine-tune records of its base file (run config `finetuned_from`, adapter metadata)."""
+    model = loaded.model
+    return {
         "path": str(base_model),
         "config": None if base_config is None else str(base_config),
         "text_encoder": None if text_encoder is None else str(text_encoder),
@@ -208,6 +206,43 @@ def module_from_base(
         "scale_factor": float(model.first_stage.scale_factor),
         "parameterization": model.parameterization,
     }
+
+
+def module_from_base(
+    base_model: str | None,
+    optim: Mapping[str, Any],
+    base_config: str | None = None,  # the original inference yaml (default: recognised from the keys)
+    text_encoder: str | None = None,  # CLIP tokenizer folder (SD 1.x); text weights come from the file
+    use_ema: bool = True,  # start from the file's EMA UNet when it has one
+    train_text_encoder: bool = False,
+    text_encoder_lr: float | None = None,  # its own param group; null: optim.lr
+    gradient_checkpointing: bool = False,  # recompute UNet blocks in backward: less memory, ~30% slower
+    cond_dropout: float | None = 0.1,  # caption/label dropout for classifier-free guidance; null: the base's
+    resolution: int | None = None,  # data.resolution, compared with the base's native size
+    sampler: Callable[..., Tensor] | None = None,
+    **options: Any,  # LatentDiffusionModule: ema_decay, ema_warmup, preview_steps, preview_cfg_scale
+) -> FineTuneModule:
+    """The training module for fine-tuning `base_model` (see the module docstring); UserError on bad input."""
+    loaded, model, text = load_base(
+        base_model,
+        base_config,
+        text_encoder,
+        use_ema,
+        train_text_encoder,
+        text_encoder_lr,
+        gradient_checkpointing,
+        cond_dropout,
+        resolution,
+    )
+    lr = float(text_encoder_lr if text_encoder_lr is not None else optim["lr"])
+    module = FineTuneModule.from_model(
+        model,
+        optim=optim,
+        sampler=sampler,
+        conditioner_lr={name: lr for name in text} if train_text_encoder else None,
+        **options,
+    )
+    module.base = base_record(loaded, base_model, base_config, text_encoder)
     log.info(
         "fine-tuning %s (%s): scale_factor %.5f, %s-prediction, text encoder %s",
         base_model,

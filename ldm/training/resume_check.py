@@ -29,10 +29,15 @@ def run_config_of(module: nn.Module) -> Mapping | None:
     return None
 
 
-def check_resume_state(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
-    """Raise a UserError when the checkpoint's weights do not fit `module` (names, then shapes)."""
+def check_resume_state(
+    module: nn.Module, checkpoint: Mapping[str, Any], own: Mapping[str, Any] | None = None
+) -> None:
+    """Raise a UserError when the checkpoint's weights do not fit `module` (names, then shapes).
+
+    `own`: the entries a checkpoint of this module holds (default: its whole state_dict; adapter runs
+    checkpoint only the adapter)."""
     theirs = checkpoint.get("state_dict") or {}
-    own = module.state_dict()
+    own = module.state_dict() if own is None else own
     missing = [k for k in own if k not in theirs]
     unexpected = [k for k in theirs if k not in own]
     shapes = [k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape)]
