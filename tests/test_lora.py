@@ -221,3 +221,78 @@ def test_lora_checkpoint_does_not_resume_a_full_finetune(sd_base, tiny_data, tmp
             )
         )
     assert "missing there" in str(info.value) or "missing there" in repr(info.value.__cause__)
+
+
+def test_command_bf16_gradient_checkpointing_and_sampling_with_the_exported_lora(
+    sd_base, tiny_data, tmp_path
+):
+    from ldm.pipeline import Pipeline
+
+    file, config, tokenizer = sd_base
+    out = tmp_path / "run"
+    extra = ("trainer.precision=bf16-mixed", "model.gradient_checkpointing=true", "model.lora.rank=2")
+    metrics = train.train(compose_train(lora_overrides(tiny_data, out, sd_base, 2, *extra)))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    base = Pipeline.from_file(file, config=config, text_encoder=str(tokenizer), device="cpu")
+    tuned = Pipeline.from_file(
+        file,
+        config=config,
+        text_encoder=str(tokenizer),
+        device="cpu",
+        lora=[f"{out / 'lora.safetensors'}:1.0"],
+    )
+    kw = {"n": 1, "steps": 2, "seed": 0}
+    a = base.txt2img("a red circle", **kw).tensors
+    b = tuned.txt2img("a red circle", **kw).tensors
+    assert tuned.adapters[0]["layers"] > 0 and not torch.equal(a, b)
+    record = tuned.txt2img("a red circle", **kw).record
+    assert record["parameters"]["adapters"][0]["scale"] == 1.0  # also in each PNG's parameters
+    # scale 0 is the base model exactly
+    zero = Pipeline.from_file(
+        file, config=config, text_encoder=str(tokenizer), device="cpu", lora=[(out / "lora.safetensors", 0.0)]
+    )
+    assert torch.equal(zero.txt2img("a red circle", **kw).tensors, a)
+
+
+@pytest.mark.slow
+def test_lora_ddp_ranks_hold_the_same_adapter(tiny_data, tmp_path):
+    import subprocess
+
+    from train_helpers import PYTHON, REPO, free_port, subprocess_env
+
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    args = [
+        "experiment=lora",
+        "trainer=ddp_cpu",
+        "logger=csv",
+        f"paths.runs_dir={tmp_path}",
+        f"paths.output_dir={out}",
+        f"base_model={CIN / 'model.safetensors'}",
+        f"base_config={CIN / 'config.yaml'}",
+        f"data.train_shards={tiny_data}/train-*.tar",
+        "data.val_shards=null",
+        "data.keys=[image,label]",
+        "data.resolution=16",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "trainer.max_steps=2",
+        "trainer.enable_progress_bar=false",
+        "callbacks.best_checkpoint=null",
+        "validation.every_n_steps=0",
+        "model.optim.lr=1e-2",
+        "+callbacks.probe._target_=train_helpers.RankProbe",
+        f"+callbacks.probe.out_dir={probe}",
+    ]
+    env = subprocess_env(MASTER_PORT=str(free_port()))
+    result = subprocess.run(
+        [PYTHON, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(probe / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    lora = [{k: v for k, v in r["unet"].items() if "lora_" in k} for r in ranks]
+    assert lora[0] and all(torch.equal(lora[0][k], lora[1][k]) for k in lora[0])
+    moved = [k for k in lora[0] if not torch.equal(lora[0][k], ranks[0]["unet_start"][k])]
+    assert moved
+    base = [k for k in ranks[0]["unet"] if "lora_" not in k]
+    assert all(torch.equal(ranks[0]["unet"][k], ranks[0]["unet_start"][k]) for k in base)
+    assert (out / "lora.safetensors").is_file()

@@ -61,8 +61,10 @@ class LoraModule(AdapterModule):
         metadata = {**self.lora, "base_model": Path(self.base["path"]).name, "base": self.base}
         folder = Path(folder)
         return [
-            save_lora(folder / KOHYA_FILE, adapters, convention="kohya", metadata=metadata),
-            save_lora(folder / DIFFUSERS_FILE, adapters, convention="diffusers", metadata=metadata),
+            save_lora(folder / KOHYA_FILE, adapters, convention="kohya", metadata=metadata, model=self.model),
+            save_lora(
+                folder / DIFFUSERS_FILE, adapters, convention="diffusers", metadata=metadata, model=self.model
+            ),
         ]
 
 
