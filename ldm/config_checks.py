@@ -469,6 +469,23 @@ def optimizer_device(key: str, value: Any, cfg: DictConfig) -> str | None:
     return None
 
 
+TI_TARGET = "ldm.training.textual_inversion.ti_module_from_base"
+
+
+def ti_option(key: str, value: Any, cfg: DictConfig) -> str | None:
+    """experiment=textual_inversion: `ti.<option>` as ldm.training.textual_inversion.check_ti sees it."""
+    if _get(cfg, "model._target_") != TI_TARGET:
+        return None
+    from ldm.training.textual_inversion import check_ti
+
+    try:
+        check_ti(_get(cfg, "ti") or {})
+    except UserError as e:
+        head, _, rest = str(e).partition(": ")
+        return rest if head.startswith(f"{key}=") else None
+    return None
+
+
 TRAIN_CHECKS: list[Check] = [
     Check("seed", whole(None, "seeds Python, numpy, torch and the data stream", 0)),
     Check("paths.output_dir", writable_dir),
@@ -490,6 +507,10 @@ TRAIN_CHECKS: list[Check] = [
     Check("model.lora.conv_rank", whole(1, "3x3 convolution rank; null = lora.rank", 8, nullable=True)),
     Check("model.lora.text_encoder", boolean),
     Check("model.lora.text_encoder_lr", lora_text_encoder_lr),
+    Check("ti.token", ti_option),
+    Check("ti.init_word", ti_option),
+    Check("ti.num_vectors", ti_option),
+    Check("ti.templates", ti_option),
     Check("validation.prompt_file", existing_file("text file of validation prompts, one a line")),
     Check("validation.every_n_steps", whole(0, "0 = no validation images", 250)),
     # data: the loader, then what the pipeline can do

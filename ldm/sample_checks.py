@@ -93,7 +93,12 @@ def adapter_files(what: str, with_scale: bool) -> Any:
             return None
         items = list(value) if not isinstance(value, str) else [value]
         for item in items:
-            path = parse_lora_spec(str(item))[0] if with_scale else str(item).split(":")[0]
+            if with_scale:
+                path = parse_lora_spec(str(item))[0]
+            else:
+                from ldm.adapters.embeddings import split_spec
+
+                path = split_spec(str(item))[0]
             if not Path(path).expanduser().is_file():
                 example = (
                     "'lora=[style.safetensors:0.8]'" if with_scale else "'embeddings=[my-cat.safetensors]'"

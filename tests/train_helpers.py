@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 PYTHON = sys.executable
 # Recipes that train from the config alone; experiment=finetune needs a base file (tests/test_finetune.py).
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem != "finetune")
+# Recipes that start from a base file (base_model=...) have their own tests (test_finetune, test_lora, ...).
+FROM_BASE = ("finetune", "lora", "textual_inversion", "dreambooth")
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem not in FROM_BASE)
 STAGE1 = ("autoencoder_kl", "autoencoder_vq")
 RESOLUTION = 32  # the tiny autoencoder (tests/ldm_fixtures.TINY_AE) has f=2: 16x16 latents
 
