@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,12 @@ IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # tried in this order when image
 LATENT_FIELDS = ("latent_mean", "latent_logvar", "latent")  # stored as <name>.npy, or <name>.pth (bfloat16)
 FIELDS = ("image", "caption", "label", "segmap", "caption_emb", "key")
 MAX_CONSECUTIVE_ERRORS = 200  # this many bad samples in a row is a config mistake, not corrupt data
+# More than this share of a worker's samples unusable (after MIN_SAMPLES_FOR_SKIP_CHECK read) stops the run:
+# training on a silently shrunken data set is not what was asked for. Each distinct cause is shown
+# SKIP_EXAMPLES times, then only counted.
+MAX_SKIP_FRACTION = 0.05
+MIN_SAMPLES_FOR_SKIP_CHECK = 40
+SKIP_EXAMPLES = 3
 
 
 class SampleError(Exception):
@@ -151,7 +158,7 @@ def decode_sample(
             raise SampleError(str(e)) from None
         img, source_size = to_rgb(opened.image), opened.size
         box = choose_crop(*source_size, opts.crop if train else "center", opts.flip and train, rng)
-        scale = img.size[0] / source_size[0]
+        scale = (img.size[0] / source_size[0], img.size[1] / source_size[1])  # per side: drafts round each
         img = crop_resize(img, box, opts.resolution, Image.Resampling.BICUBIC, scale)
         out["image"] = np.asarray(img) if uint8 else to_tensor(img)
     if "segmap" in opts.keys:
@@ -173,6 +180,15 @@ def decode_sample(
     return out
 
 
+def _cause(exn: BaseException, raw: dict | None) -> str:
+    """A skip's cause without the sample's name or numbers, to group repeats of one problem."""
+    text = str(exn)
+    if raw is not None:
+        text = text.replace(_where(raw), "")
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<object>", text)  # e.g. "<_io.BytesIO object at 0x7f...>"
+    return f"{type(exn).__name__}: " + re.sub(r"\d+", "#", text).strip()[:160]
+
+
 def _decode_segmap(raw: dict, opts: PipelineOptions, box, source_size, train: bool, rng) -> torch.Tensor:
     try:  # class ids as stored (palette indices, grey values), upright: see ldm.data.images
         ids = decode_segmap(read_field(raw, opts.segmap_key, "segmap"), f"segmap of {_where(raw)}")
@@ -189,7 +205,7 @@ def _decode_segmap(raw: dict, opts: PipelineOptions, box, source_size, train: bo
                 f"{_where(raw)}: segmap is {w}x{h} but the image is {iw}x{ih} (upright, after its EXIF "
                 "orientation); save the map with the image's shape"
             )
-        seg = crop_resize(seg, box, opts.resolution, Image.Resampling.NEAREST, w / iw)
+        seg = crop_resize(seg, box, opts.resolution, Image.Resampling.NEAREST, (w / iw, h / ih))
     arr = np.asarray(seg).astype(np.int64)
     if opts.num_classes is not None and arr.max(initial=0) >= opts.num_classes:
         raise SampleError(
@@ -306,6 +322,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.resume: dict[int, tuple[int, int]] = {}  # logical worker -> (raw consumed, emitted)
         self._errors_in_a_row = 0
         self._bad_shards: list[str] = []  # truncated/corrupt shards not yet reported in a batch
+        self._read = 0  # samples this worker tried to decode, and how many of them were skipped, by cause
+        self._skips: dict[str, list[str]] = {}
 
     # --- where this worker's samples come from -------------------------------------------------
     def _worker(self) -> tuple[int, int]:
@@ -372,13 +390,33 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._bad_shards.append(exn.url)
             log.warning("%s", exn)
         else:
-            log.warning("skipping bad sample%s: %s: %s", where, type(exn).__name__, exn)
+            examples = self._skips.setdefault(_cause(exn, raw), [])
+            examples.append(_where(raw) if raw is not None else str(exn))
+            if len(examples) <= SKIP_EXAMPLES:
+                last = len(examples) == SKIP_EXAMPLES
+                more = " (further skips for this cause are counted, not shown)" if last else ""
+                log.warning("skipping bad sample%s: %s: %s%s", where, type(exn).__name__, exn, more)
+            self._check_skip_share()
         if self._errors_in_a_row >= MAX_CONSECUTIVE_ERRORS:
             raise UserError(
                 f"{self._errors_in_a_row} samples in a row could not be used; the last: {exn}{where}. "
                 "Check data.keys / data.*_key against the members of your shards."
             )
         return True
+
+    def _check_skip_share(self) -> None:
+        """UserError when more than MAX_SKIP_FRACTION of this worker's samples were unusable."""
+        skipped = sum(len(v) for v in self._skips.values())
+        if self._read < MIN_SAMPLES_FOR_SKIP_CHECK or skipped <= MAX_SKIP_FRACTION * self._read:
+            return
+        cause, examples = max(self._skips.items(), key=lambda kv: len(kv[1]))
+        raise UserError(
+            f"{skipped} of the {self._read} samples read so far could not be used "
+            f"({100 * skipped / self._read:.0f}% > {100 * MAX_SKIP_FRACTION:.0f}%); most often "
+            f"({len(examples)}x): {cause}, e.g. {', '.join(examples[:3])}. Fix or drop those files "
+            "(python -m ldm.data.make_shards re-encodes a folder), or check data.keys / data.*_key against "
+            "your shards."
+        )
 
     # --- the stream -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -395,6 +433,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         for raw in raw_stream:
             rng = np.random.default_rng([self.seed, epoch + 1, self.rank, worker, consumed])
             consumed += 1
+            self._read += 1
             try:
                 sample = decode_sample(raw, self.opts, self.train, rng, uint8=self.task is None)
                 if self.task is not None:

@@ -51,10 +51,26 @@ def choose_crop(width: int, height: int, crop: str, flip: bool, rng: np.random.G
 
 
 def crop_resize(
-    img: Image.Image, box: CropBox, size: int, resample: Image.Resampling, scale: float = 1.0
+    img: Image.Image,
+    box: CropBox,
+    size: int,
+    resample: Image.Resampling,
+    scale: float | tuple[float, float] = 1.0,
 ) -> Image.Image:
-    """Resize the crop box (in source pixels, times `scale` for drafted images) to size x size."""
-    b = (box.left * scale, box.top * scale, (box.left + box.side) * scale, (box.top + box.side) * scale)
+    """Resize the crop box (in source pixels) of `img` to size x size.
+
+    `scale`: `img`'s size over the source size, (sx, sy) per side or one number. A JPEG decoded at a draft
+    scale rounds each side up on its own (a 1001 x 750 photo drafted by 1/4 is 251 x 188, not 250.25 x
+    187.5), so one factor from the width could put the box past the bottom edge; the box is computed per
+    side and clamped to the image, so no crop can fall outside it."""
+    sx, sy = (float(scale), float(scale)) if isinstance(scale, (int, float)) else map(float, scale)
+    width, height = img.size
+    b = (
+        min(max(box.left * sx, 0.0), width - 1.0),
+        min(max(box.top * sy, 0.0), height - 1.0),
+        min((box.left + box.side) * sx, float(width)),
+        min((box.top + box.side) * sy, float(height)),
+    )
     out = img.resize((size, size), resample, box=b)
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if box.flip else out
 
