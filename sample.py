@@ -30,6 +30,15 @@ from ldm.sampling.runner import PRECISIONS
 from ldm.training.runtime import resolved_config, user_errors_exit
 
 
+def remove_if_only_hydra_files(folder: Path) -> None:
+    """Delete `folder` when it holds nothing but what Hydra wrote at start (.hydra/, sample.log)."""
+    import shutil
+
+    if not folder.is_dir() or any(p.name not in (".hydra", "sample.log") for p in folder.iterdir()):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Compose -> load -> build the task's job -> sample -> write files; returns the run record."""
     check_sample_config(cfg)  # sizes, types, impossible combinations, paths: one line before any work
@@ -77,7 +86,11 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
-    record = sample(cfg)
+    try:
+        record = sample(cfg)
+    except BaseException:
+        remove_if_only_hydra_files(Path(str(cfg.out_dir)))  # a failed run leaves no empty output folder
+        raise
     t = record["timings"]
     print(
         f"wrote {len(record['images'])} image(s), {record['grid']} and run.json to {record['out_dir']} "

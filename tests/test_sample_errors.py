@@ -215,3 +215,12 @@ def test_cli_unknown_task_lists_the_available_ones(root, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "Could not find 'task/painting'" in err
     assert "Available options" in err and all(t in err for t in ("txt2img", "outpaint", "superres", "class"))
+
+
+def test_failed_run_leaves_no_empty_output_folder(tmp_path):
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    out = tmp_path / "out"
+    result = cli(f"ckpt={bad}", "prompt=x", f"out_dir={out}")
+    assert result.returncode == 2 and "not a valid safetensors file" in result.stderr
+    assert not out.exists()  # Hydra made it (.hydra/, sample.log) before the load failed; it is gone
