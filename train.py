@@ -7,6 +7,7 @@ python train.py experiment=txt2img first_stage_ckpt=outputs/autoencoder_kl/lates
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -38,6 +39,18 @@ INTERRUPTED_EXIT = 143  # 128 + SIGTERM: a run stopped by a signal (checkpoint s
 # Frozen parts (first stage, text encoder, LPIPS) stay in eval mode on purpose; Lightning warns about it.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# A run without validation shards returns no val loader; that is a choice, not a mistake.
+warnings.filterwarnings("ignore", message=r".*Total length of `list` across ranks is zero.*")
+
+
+class _NoAdverts(logging.Filter):
+    """Lightning's "💡 Tip: ... try installing litlogger" line is an advert, not information about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡" not in str(record.msg)
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdverts())
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
