@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -278,13 +280,59 @@ def _last_checkpoint_owner(trainer: pl.Trainer) -> RunCheckpoint | None:
 
 class StepProgressBar(TQDMProgressBar):
     """The tqdm bar in optimisation steps (`step 120/1000`): runs are sized in steps, not epochs, and with
-    `max_epochs=-1` Lightning's epoch bar read `Epoch 173/-2`."""
+    `max_epochs=-1` Lightning's epoch bar read `Epoch 173/-2`.
+
+    When stderr is not a terminal (a redirected log, a cluster job), tqdm's carriage returns would make one
+    endless line: the bar is off and a plain log line is written every `log_every` steps and at least every
+    `log_every_s` seconds — step, the logged losses, it/s and the time left."""
+
+    def __init__(self, log_every: int | None = None, log_every_s: float = 60.0, plain: bool | None = None):
+        super().__init__()
+        self.plain = (not sys.stderr.isatty()) if plain is None else bool(plain)
+        self.log_every, self.log_every_s = log_every, float(log_every_s)
+        self._last: tuple[float, int] | None = None
+        if self.plain:
+            self.disable()  # bars are created disabled: nothing drawn, not even the first frame
 
     @property
     def train_description(self) -> str:
         return "step"
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last = (time.monotonic(), trainer.global_step)
+        super().on_train_start(trainer, pl_module)
+
+    def _quiet(self, bar: Any) -> Any:
+        if self.plain:  # the bars exist (Lightning's hooks use them) but never draw
+            bar.disable = True
+        return bar
+
+    def init_train_tqdm(self) -> Any:
+        return self._quiet(super().init_train_tqdm())
+
+    def init_validation_tqdm(self) -> Any:
+        return self._quiet(super().init_validation_tqdm())
+
+    def init_sanity_tqdm(self) -> Any:
+        return self._quiet(super().init_sanity_tqdm())
+
+    def _log_line(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step, total = trainer.global_step, trainer.max_steps if trainer.max_steps > 0 else None
+        every = self.log_every or max(1, (total or 1000) // 20)
+        now = time.monotonic()
+        then, then_step = self._last or (now, step)
+        if step % every and now - then < self.log_every_s and step != total:
+            return
+        rate = (step - then_step) / max(now - then, 1e-9)
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        left = f"  ~{(total - step) / rate / 60:.1f} min left" if total and rate > 0 else ""
+        log.info("step %d%s  %s  %.2f it/s%s", step, f"/{total}" if total else "", shown, rate, left)
+        self._last = (now, step)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        if self.plain:
+            return
         if self._leave:
             self.train_progress_bar = self.init_train_tqdm()
         bar = self.train_progress_bar
@@ -296,6 +344,10 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
     ) -> None:
+        if self.plain:
+            if trainer.is_global_zero:
+                self._log_line(trainer, pl_module)
+            return
         bar = self.train_progress_bar
         if bar is None or bar.disable or not self._should_update(trainer.global_step, bar.total):
             return
