@@ -24,6 +24,28 @@ from ldm.config_checks import dir_problem
 _INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")  # a value that is exactly one plain interpolation
 
 
+# `--help` lists only the config groups a script reads (Hydra's default lists every folder of conf/).
+SCRIPT_GROUPS = {
+    "train": ("experiment", "data", "data/task", "model", "optim", "trainer", "callbacks", "logger", "paths",
+              "sampler"),  # sampler: the preview / validation sampler of stage-2 models
+    "sample": ("task", "sampler"),
+}  # fmt: skip
+CONF_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
+
+
+def help_groups(script: str) -> str:
+    """`group: option, option` lines of the config groups `script` (train | sample) reads."""
+    lines = []
+    for group in SCRIPT_GROUPS[script]:
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+if not OmegaConf.has_resolver("ldm_help_groups"):
+    OmegaConf.register_new_resolver("ldm_help_groups", help_groups)
+
+
 def fail(message: str) -> None:
     """Print one `error:` line and exit 2 (SystemExit passes through Hydra's error reporting)."""
     print(f"error: {message}", file=sys.stderr)

@@ -224,3 +224,15 @@ def test_failed_run_leaves_no_empty_output_folder(tmp_path):
     result = cli(f"ckpt={bad}", "prompt=x", f"out_dir={out}")
     assert result.returncode == 2 and "not a valid safetensors file" in result.stderr
     assert not out.exists()  # Hydra made it (.hydra/, sample.log) before the load failed; it is gone
+
+
+def test_help_lists_only_this_scripts_config_groups():
+    sample_help = cli("--help").stdout
+    assert "task: class, img2img" in sample_help and "sampler: ddim" in sample_help
+    assert "experiment:" not in sample_help and "trainer:" not in sample_help
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    train_help = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    ).stdout
+    assert "experiment: autoencoder_kl" in train_help and "trainer: cpu" in train_help
+    assert "\ntask:" not in train_help
