@@ -33,9 +33,15 @@ from ldm.samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_2s_ancestral,
+    sample_dpmpp_sde,
     sample_euler,
     sample_euler_ancestral,
+    sample_heun,
+    sample_lms,
     sample_plms,
+    sample_unipc,
 )
 from ldm.samplers.sigmas import StepSchedule
 from ldm.sampling import tasks as T
@@ -51,6 +57,12 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "euler": sample_euler,
     "euler_a": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp_2s_a": sample_dpmpp_2s_ancestral,
+    "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "lms": sample_lms,
+    "unipc": sample_unipc,
 }
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 ImageInput = str | os.PathLike | Image.Image
@@ -72,7 +84,8 @@ def to_pil(images: Tensor) -> list[Image.Image]:
 
 
 def sampler_function(sampler: str | Callable[..., Tensor], **options: Any) -> Callable[..., Tensor]:
-    """A sampler by name (ddim, ddpm, plms, dpmpp_2m, euler, euler_a) or function, with `options` bound."""
+    """A sampler by name (a key of SAMPLERS, e.g. ddim, dpmpp_2m, euler_a, unipc) or function, with `options`
+    bound."""
     if callable(sampler):
         return functools.partial(sampler, **options) if options else sampler
     if sampler not in SAMPLERS:
@@ -232,9 +245,19 @@ class Pipeline:
 
     # ---- one method per task ----------------------------------------------------------------------
 
-    def txt2img(self, prompt: str | Sequence[str], negative_prompt: str = "", **kw: Any) -> Output:
-        """Text-to-image: `n` images per prompt."""
-        return self.run(T.Txt2Img(prompt=_prompts(prompt), negative_prompt=negative_prompt), **kw)
+    def txt2img(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str = "",
+        hires: dict[str, Any] | None = None,  # {"scale": 2, "strength": 0.5, "steps": None}: hires fix
+        **kw: Any,
+    ) -> Output:
+        """Text-to-image: `n` images per prompt. Prompts may be longer than the text encoder's window
+        (CLIP: windows of 77 tokens) and use emphasis, `(word:1.3)` (see `ldm.conditioning.prompts`);
+        `hires` samples at the native size, upscales by `scale` and re-runs `strength` of the schedule
+        (`ldm.sampling.tasks.Hires`)."""
+        task = T.Txt2Img(prompt=_prompts(prompt), negative_prompt=negative_prompt, hires=hires)
+        return self.run(task, **kw)
 
     def img2img(
         self,

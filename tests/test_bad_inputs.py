@@ -117,7 +117,7 @@ CLI_ROWS: dict[str, Row] = {
     "not key=value": Row("train", ("batch_size",), ("'batch_size' is not an override", "key=value")),
     # Hydra's own composition errors: no traceback, the options listed (exit code 1, Hydra's)
     "unknown sampler": Row(
-        "sample", ("ckpt={ckpt}", "sampler=heun"), ("sampler/heun", "ddim", "euler_a"), 1, False
+        "sample", ("ckpt={ckpt}", "sampler=dpm_fast"), ("sampler/dpm_fast", "ddim", "euler_a"), 1, False
     ),
 }
 

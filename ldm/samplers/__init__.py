@@ -15,9 +15,17 @@ from ldm.samplers.ddim import sample_ddim
 from ldm.samplers.ddpm import sample_ddpm
 from ldm.samplers.denoiser import DiscreteDenoiser
 from ldm.samplers.dpm_solver import sample_dpmpp_2m
+from ldm.samplers.dpmpp_sde import (
+    BrownianNoise,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_2s_ancestral,
+    sample_dpmpp_sde,
+)
 from ldm.samplers.euler import sample_euler, sample_euler_ancestral
 from ldm.samplers.guidance import ClassifierFreeGuidance
+from ldm.samplers.heun import sample_heun
 from ldm.samplers.hooks import inpaint_callback
+from ldm.samplers.lms import sample_lms
 from ldm.samplers.plms import sample_plms
 from ldm.samplers.sigmas import (
     StepSchedule,
@@ -28,8 +36,10 @@ from ldm.samplers.sigmas import (
     to_variance_preserving,
     truncate_for_strength,
 )
+from ldm.samplers.unipc import sample_unipc
 
 __all__ = [
+    "BrownianNoise",
     "ClassifierFreeGuidance",
     "DiscreteDenoiser",
     "StepSchedule",
@@ -42,9 +52,15 @@ __all__ = [
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_sde",
     "sample_euler",
     "sample_euler_ancestral",
+    "sample_heun",
+    "sample_lms",
     "sample_plms",
+    "sample_unipc",
     "sigma_at",
     "sigma_to_timestep",
     "start_x",
