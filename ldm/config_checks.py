@@ -25,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.errors import UserError
+from ldm.training import dreambooth  # its rules import only omegaconf (and PIL's suffix list when they run)
 
 Rule = Callable[[str, Any, DictConfig], "str | None"]  # (key, value, whole config) -> problem or None
 _ABSENT = object()
@@ -513,6 +514,8 @@ TRAIN_CHECKS: list[Check] = [
     Check("ti.templates", ti_option),
     Check("validation.prompt_file", existing_file("text file of validation prompts, one a line")),
     Check("validation.every_n_steps", whole(0, "0 = no validation images", 250)),
+    # DreamBooth (experiment=dreambooth): instance folder, prompts, class images; base_model has a text encoder
+    *(Check(key, rule) for key, rule in dreambooth.RULES),
     # data: the loader, then what the pipeline can do
     Check("data.batch_size", whole(1, "samples per step on each device", 16)),
     Check("data.val_batch_size", whole(1, "null = data.batch_size", 16, nullable=True)),

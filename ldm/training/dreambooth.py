@@ -13,16 +13,24 @@ generates the class ("prior") images with the base model before the first update
 `data.batch_size` instance + `data.batch_size` class samples whose `loss_weight` gives diffusers'
 `loss + prior_loss_weight * prior_loss` (see `ldm.data.dreambooth.pair_batches`).
 
-This module imports only the standard library and omegaconf: `ldm.config_checks` runs the rules below before
+The class ("prior") images come from `generate_class_images` here (a sampling loop over the plain model,
+no Lightning). This module imports only the standard library and omegaconf at import time (torch, PIL and
+webdataset inside the functions that need them): `ldm.config_checks` runs the rules below before
 Hydra makes the run folder, so a mistake leaves nothing behind. Each rule is `(key, value, cfg) -> problem or
 None`, the `ldm.config_checks.Check` contract; `check_dreambooth_config` runs them all.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 import json
+import logging
 import math
+import os
 import struct
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.errors import UserError
 
+log = logging.getLogger(__name__)
 Rule = Callable[[str, Any, DictConfig], "str | None"]
 
 # Keys of a base file's text encoder: original SD 1.x CLIP / SD 2.x OpenCLIP / LDM BERT, and ours (export).
@@ -47,11 +56,16 @@ def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
     """The resolved value at `key` (plain Python), or `default` when missing / unresolvable here."""
     try:
         value = OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
-    except OmegaConfBaseException:
+        if OmegaConf.is_config(value):
+            return OmegaConf.to_container(value, resolve=True)
+    except OmegaConfBaseException:  # e.g. ${oc.env:...} outside a train.py run: not ours to judge
         return default
-    if OmegaConf.is_config(value):
-        return OmegaConf.to_container(value, resolve=True)
     return default if value == "???" else value
+
+
+def is_dreambooth(cfg: DictConfig) -> bool:
+    """The config has a `dreambooth` section (experiment=dreambooth)."""
+    return OmegaConf.is_config(cfg) and OmegaConf.select(cfg, "dreambooth", default=None) is not None
 
 
 def _whole(value: Any) -> bool:
@@ -95,7 +109,7 @@ def instance_dir_problem(value: Any) -> str | None:
         return f"is a file, not a folder; pass the folder that holds your 3-20 photos (reads {reads})."
     found = image_files(path)
     if not found:
-        return f"found 0 images in it (reads {reads}, searched recursively); put 3-20 photos of the subject in it."
+        return f"found 0 images in it (reads {reads}, recursively); put 3-20 photos of the subject in it."
     return None
 
 
@@ -119,8 +133,8 @@ def class_prompt(key: str, value: Any, cfg: DictConfig) -> str | None:
         weight = _get(cfg, "dreambooth.prior_loss_weight")
         return (
             f"prior preservation is on (dreambooth.prior_loss_weight={weight}) and needs the class prompt "
-            f'for the generated class images: pass {key}="a photo of a dog", or dreambooth.prior_loss_weight=0 '
-            "(no class images)."
+            f'for the generated class images: pass {key}="a photo of a dog", or '
+            "dreambooth.prior_loss_weight=0 (no class images)."
         )
     return None
 
@@ -194,7 +208,7 @@ def base_text_problem(path: Any) -> str | None:
 
 def base_model(key: str, value: Any, cfg: DictConfig) -> str | None:
     """experiment=dreambooth only: the base file must have a text encoder (other experiments: skipped)."""
-    return base_text_problem(value) if _get(cfg, "dreambooth") is not None else None
+    return base_text_problem(value) if is_dreambooth(cfg) else None
 
 
 # (key, rule) rows for ldm.config_checks.TRAIN_CHECKS; keys a config lacks (other experiments) are skipped.
@@ -223,7 +237,7 @@ def check_dreambooth_config(cfg: DictConfig) -> None:
     """Raise the first DreamBooth mistake the config shows as one UserError line `<key>=<value>: <problem>`.
 
     No-op for configs without a `dreambooth` section (other experiments)."""
-    if _get(cfg, "dreambooth") is None:
+    if not is_dreambooth(cfg):
         return
     for key, rule in RULES:
         value = _get(cfg, key, default=_ABSENT)
@@ -244,3 +258,216 @@ def validation_images(prompts: Sequence[Any] | None = None, **options: Any):
 
     kept = [p for p in (prompts or []) if p is not None and str(p).strip()]
     return ValidationImages(prompts=kept, **options)
+
+
+# --- cache folders ----------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+CLASS_KIND = "dreambooth-class-images"
+INSTANCE_KIND = "dreambooth-instance-images"
+# What must match for cached class images to be reused (or topped up); anything else regenerates them.
+CLASS_SETTINGS = ("base_identity", "prompt", "resolution", "sampler", "steps", "cfg_scale")
+
+
+def cache_key(*parts: Any) -> str:
+    """16 hex digits of sha256 over the parts (their str), naming cache folders."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(str(p).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """`folder/manifest.json`, or None when missing or unreadable."""
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """JSON written atomically (`ldm.interop.checkpoint.atomic_path`)."""
+    from ldm.interop.checkpoint import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def write_shard(path: Path, sample: dict) -> None:
+    """One sample as a tar shard, written atomically (a kill leaves no half shard under its name)."""
+    import webdataset as wds
+
+    from ldm.interop.checkpoint import atomic_path
+
+    with atomic_path(path) as tmp, wds.TarWriter(str(tmp), mtime=0) as sink:
+        sink.write(sample)
+
+
+# --- class images -------------------------------------------------------------------------------------
+
+
+def model_identity(model: Any) -> str:
+    """A short sha256 of the weights that make the images (LoRA adapters, zero at the start, left out and
+    peft's `base_layer` names folded back), so full and LoRA fine-tunes of one base share class images."""
+    from ldm.models.first_stage import state_identity
+
+    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
+    return state_identity(state)
+
+
+def require_prompts(model: Any, base: str | None) -> None:
+    """UserError unless the plain model reads a `caption` (DreamBooth needs prompts)."""
+    if "caption" not in tuple(model.input_keys):
+        raise UserError(
+            f"base_model={base or 'the base model'} reads {list(model.input_keys)}, no prompt. "
+            f"{NEEDS_PROMPTS}."
+        )
+
+
+def sampler_name(sampler: Callable[..., Any]) -> str:
+    """`sample_ddim(eta=0.0)`: the function and its bound options, for the manifest."""
+    fn = getattr(sampler, "func", sampler)
+    kw = getattr(sampler, "keywords", {}) or {}
+    options = ", ".join(f"{k}={v}" for k, v in sorted(kw.items()))
+    return f"{getattr(fn, '__name__', type(fn).__name__)}({options})"
+
+
+def class_folder(cache_dir: str | os.PathLike, identity: str, prompt: str, resolution: int) -> Path:
+    """The default class-image folder: `<cache_dir>/class-<key of base identity, prompt, resolution>`."""
+    return Path(cache_dir).expanduser() / f"class-{cache_key(CLASS_KIND, identity, prompt, int(resolution))}"
+
+
+def _png(image: Any) -> bytes:
+    """(3,H,W) in [-1,1] -> PNG bytes (lossless, deterministic)."""
+    from PIL import Image
+
+    from ldm.training.images import to_uint8
+
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def generate_class_images(
+    model: Any,
+    out_dir: str | os.PathLike,
+    prompt: str,
+    count: int,
+    *,
+    resolution: int,
+    sampler: Callable[..., Any] | None = None,
+    steps: int = 50,
+    cfg_scale: float = 7.5,
+    batch_size: int = 4,
+    device: Any = None,
+    base: str | None = None,
+) -> dict:
+    """`count` images of `prompt` from `model` (a plain `LatentDiffusion`) as shards in `out_dir`; returns
+    the manifest.
+
+    Image i: seed i, `steps` steps of `sampler` (default DDIM, eta 0) with `model.default_spacing`, guidance
+    `cfg_scale`, `resolution` px square, stored as `class-%06d.tar` = {png, txt: prompt, json: seed}. Reuses a
+    manifest whose `CLASS_SETTINGS` match (topping it up to `count` with the next seeds), regenerates one
+    that does not (its shards removed). The manifest is rewritten after each batch, so an interrupted run
+    keeps what it made. `base`: the file the model came from (recorded). UserError for a model without a
+    text encoder, or a folder holding files but no manifest of ours (never mixed with foreign images)."""
+    import torch
+
+    from ldm.samplers import sample_ddim
+    from ldm.samplers.sigmas import StepSchedule
+
+    require_prompts(model, base)
+    sampler = sampler or functools.partial(sample_ddim, eta=0.0)
+    out = Path(out_dir).expanduser()
+    settings = dict(
+        base_identity=model_identity(model),
+        prompt=prompt,
+        resolution=int(resolution),
+        sampler=sampler_name(sampler),
+        steps=int(steps),
+        cfg_scale=float(cfg_scale),
+    )
+    manifest = read_manifest(out)
+    if manifest is not None and manifest.get("kind") == CLASS_KIND:
+        differ = [k for k in CLASS_SETTINGS if manifest.get(k) != settings[k]]
+        if differ:
+            log.warning(
+                "dreambooth: class images in %s were made with other settings (%s); regenerating all of them",
+                out,
+                ", ".join(f"{k}: {manifest.get(k)!r} -> {settings[k]!r}" for k in differ),
+            )
+            for path in [*out.glob("class-*.tar"), out / MANIFEST]:
+                path.unlink(missing_ok=True)
+            manifest = None
+    elif out.is_dir() and any(out.iterdir()):
+        raise UserError(
+            f"dreambooth.class_dir={out} holds files but no class-image manifest of ours; pass a new or "
+            "empty folder (or dreambooth.class_dir=null for the cache), so generated images are never mixed."
+        )
+    have = int(manifest["count"]) if manifest else 0
+    if manifest is None:
+        manifest = dict(
+            kind=CLASS_KIND,
+            **settings,
+            base=base,
+            count=0,
+            seeds=[],
+            shards=[],
+            total=0,
+            keys=["json", "png", "txt"],
+        )
+    if have >= count:
+        log.info("dreambooth: reusing %d cached class images in %s (%d needed)", have, out, count)
+        return manifest
+    out.mkdir(parents=True, exist_ok=True)
+    net = model.unet
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    schedule = StepSchedule(steps=int(steps), spacing=model.default_spacing)
+    f = model.first_stage.downsample_factor
+    latent = (int(resolution) // f, int(resolution) // f)
+    log.info(
+        "dreambooth: generating %d class images of %r in %s (%d cached)", count - have, prompt, out, have
+    )
+    modes = {m: m.training for m in model.modules()}
+    start = time.monotonic()
+    model.eval()
+    try:
+        for first in range(have, count, batch_size):
+            seeds = list(range(first, min(first + batch_size, count)))
+            images = model.sample(
+                {"caption": [prompt] * len(seeds)},
+                seeds,
+                float(cfg_scale),
+                sampler=sampler,
+                steps=schedule,
+                latent_size=latent,
+                device=device,
+            )
+            for seed, image in zip(seeds, images):
+                meta = {"seed": seed, "caption": prompt}
+                sample = {
+                    "__key__": f"{seed:06d}",
+                    "png": _png(image),
+                    "txt": prompt,
+                    "json": json.dumps(meta).encode(),
+                }
+                write_shard(out / f"class-{seed:06d}.tar", sample)
+            manifest["shards"] += [{"name": f"class-{s:06d}.tar", "count": 1} for s in seeds]
+            manifest["seeds"] += seeds
+            manifest["count"] = manifest["total"] = len(manifest["seeds"])
+            write_json(out / MANIFEST, manifest)
+            done = seeds[-1] + 1 - have
+            rate = (time.monotonic() - start) / done
+            log.info(
+                "dreambooth: class images %d/%d (%.2f s each, ~%.0f s left)",
+                seeds[-1] + 1,
+                count,
+                rate,
+                rate * (count - seeds[-1] - 1),
+            )
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return manifest
+    return manifest
