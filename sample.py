@@ -24,6 +24,7 @@ from ldm.cli import run as run_cli
 from ldm.config_checks import check_sample_config
 from ldm.errors import UserError
 from ldm.interop.load import instantiate_or_user_error
+from ldm.models.tiling import TileSettings
 from ldm.pipeline import Pipeline
 from ldm.samplers.sigmas import StepSchedule
 from ldm.sampling.runner import PRECISIONS
@@ -54,6 +55,12 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"precision={cfg.precision}: use one of {', '.join(PRECISIONS)}.")
     task = instantiate_or_user_error(cfg.task, _convert_="all")
     task.preflight()
+    tiling = TileSettings(  # bad values fail here, before the model loads
+        mode=cfg.get("vae_tiling", "auto"),
+        size=int(cfg.get("vae_tile_size", 512)),
+        overlap=int(cfg.get("vae_tile_overlap", 128)),
+        norm=str(cfg.get("vae_tile_norm", "tile")),
+    )
     pipe = Pipeline.from_file(
         cfg.ckpt,
         config=cfg.get("config"),
@@ -65,6 +72,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         lora=list(cfg.get("lora") or ()),
         embeddings=list(cfg.get("embeddings") or ()),
     )
+    pipe.model.first_stage.tiling = tiling
     out = pipe.run(
         task,
         n=int(cfg.n),

@@ -46,7 +46,7 @@ from ldm.samplers import (
 from ldm.samplers.sigmas import StepSchedule
 from ldm.sampling import tasks as T
 from ldm.sampling.records import make_record, write_outputs
-from ldm.sampling.runner import Settings, prepare, resolve_device, run_job
+from ldm.sampling.runner import Settings, prepare, resolve_device
 from ldm.training.images import to_uint8
 
 # sampler names of conf/sampler/*.yaml -> the functions (their keyword defaults are the yaml defaults)
@@ -221,7 +221,7 @@ class Pipeline:
         )
         task.preflight()
         job = task.build(self.loaded, n=int(n), height=height, width=width)
-        result = run_job(self.loaded, job, settings)
+        result = task.sample(self.loaded, job, settings)  # txt2img's hires fix runs two passes
         sampler_record = describe_sampler(sampler_fn)
         run = {
             "n": n,

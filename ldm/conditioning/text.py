@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -10,9 +11,12 @@ import torch
 from torch import Tensor
 
 from ldm.conditioning.base import BaseConditioner, EncodeFn, get_input
+from ldm.conditioning.prompts import SpecialTokens, TokenWindows, apply_weights, tokenize_windows
 from ldm.errors import UserError
 
+log = logging.getLogger(__name__)
 CLIP_TYPES = ("clip", "clip_text_model")
+WINDOWS_SUFFIX = "_windows"  # batch key `<input_key>_windows`: sampling-time prompts (see `prepare`)
 
 
 def default_text_encoder() -> str:
@@ -84,7 +88,14 @@ def _load(model: str, allow_download: bool) -> tuple[Any, Any, Any]:
 
 
 class FrozenTextEncoder(BaseConditioner):
-    """Frozen pretrained text encoder -> (B, max_length, D) context; null = encoding of "" (as SD)."""
+    """Frozen pretrained text encoder -> (B, max_length, D) context; null = encoding of "" (as SD).
+
+    Training batches are encoded as they always were: one `max_length` window, longer captions truncated,
+    brackets read as text. Prompts given for sampling (`prepare`, which `Conditioner.encode_with_null`
+    calls) go through `ldm.conditioning.prompts`: `(word:1.3)` emphasis, and for CLIP encoders any length
+    in windows of `max_length` -> (B, windows * max_length, D), with the null context repeated to the same
+    window count. A BERT-family encoder keeps one window (a warning names what was cut).
+    """
 
     output = "crossattn"
 
@@ -116,6 +127,9 @@ class FrozenTextEncoder(BaseConditioner):
                 f"'{self.model_name}'; use max_length <= {max_positions}."
             )
         self.transformer.eval().requires_grad_(False)
+        self.windows_key = input_key + WINDOWS_SUFFIX
+        self.special = SpecialTokens.of(self.tokenizer)
+        self._warned: set[str] = set()
         # The null context never changes (frozen encoder): computed once, moves with .to(device).
         self.register_buffer("null_context", self.encode_prompts([""]), persistent=False)
 
@@ -132,7 +146,10 @@ class FrozenTextEncoder(BaseConditioner):
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         """Prompts -> (B, max_length, D) hidden states of the chosen layer."""
         device = next(self.transformer.parameters()).device
-        tokens = tokenize(self.tokenizer, prompts, self.max_length, device)
+        return self._encode_tokens(tokenize(self.tokenizer, prompts, self.max_length, device))
+
+    def _encode_tokens(self, tokens: dict[str, Tensor]) -> Tensor:
+        """{input_ids, attention_mask} (N, max_length) -> (N, max_length, D) states of the chosen layer."""
         if self.is_clip:
             # CLIP is causal, so real tokens never see the padding; SD passes no attention mask.
             tokens.pop("attention_mask", None)
@@ -146,9 +163,73 @@ class FrozenTextEncoder(BaseConditioner):
             hidden = text_model.final_layer_norm(hidden)
         return hidden
 
+    @property
+    def long_prompts(self) -> bool:
+        """Whether prompts longer than one window are encoded in several (CLIP) or cut (BERT family)."""
+        return self.is_clip
+
+    def token_windows(self, prompts: list[str]) -> list[TokenWindows]:
+        """Each sampling prompt as token windows with emphasis weights (`prompts.tokenize_windows`)."""
+        limit = None if self.long_prompts else 1
+        return [tokenize_windows(self.tokenizer, p, self.max_length, self.special, limit) for p in prompts]
+
+    def count_windows(self, prompts: Sequence[str]) -> int:
+        """Windows the longest of `prompts` needs (>= 1; always 1 for encoders that take one window)."""
+        return max([t.windows for t in self.token_windows(list(prompts))] or [1])
+
+    @torch.no_grad()
+    def encode_sampling(self, prompts: list[str], windows: int = 1) -> Tensor:
+        """Sampling prompts -> (B, K * max_length, D), K = max(windows, windows the prompts need).
+
+        Emphasis weights applied per window (A1111: scale the states, restore the mean); prompts that
+        need fewer than K windows are padded with the null context (the encoding of ""). A prompt of one
+        window without weights gives exactly `encode_prompts`' states."""
+        device = next(self.transformer.parameters()).device
+        parts = self.token_windows(prompts)
+        self._warn_cut(prompts, parts)
+        k = max([int(windows)] + [t.windows for t in parts])
+        ids = torch.cat([t.ids for t in parts]).to(device)
+        mask = torch.cat([t.mask for t in parts]).to(device)
+        states = self._encode_tokens({"input_ids": ids, "attention_mask": mask})  # (sum W, L, D)
+        out, start = [], 0
+        for t in parts:
+            s = states[start : start + t.windows]
+            start += t.windows
+            if t.weighted:
+                s = apply_weights(s, t.weights)
+            if t.windows < k:
+                null = self.null_context.to(s).expand(k - t.windows, -1, -1)
+                s = torch.cat([s, null])
+            out.append(s.reshape(1, -1, s.shape[-1]))
+        return torch.cat(out)
+
+    def _warn_cut(self, prompts: list[str], parts: list[TokenWindows]) -> None:
+        for prompt, t in zip(prompts, parts, strict=True):
+            if t.cut and prompt not in self._warned:
+                self._warned.add(prompt)
+                log.warning(
+                    "prompt %r is %d tokens, but the text encoder %s takes %d (one %d-token window; only "
+                    "CLIP encoders take longer prompts in windows): its last %d tokens are cut",
+                    prompt[:80] + ("..." if len(prompt) > 80 else ""),
+                    t.n_tokens,
+                    self.model_name,
+                    self.max_length - 2,
+                    self.max_length,
+                    t.cut,
+                )
+
+    def _windows(self, batch: Mapping[str, Any]) -> int:
+        value = batch[self.windows_key]
+        return int(value.max()) if isinstance(value, Tensor) else int(value)
+
     def prepare(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Sampling inputs: the prompts and `<input_key>_windows` = the window count of every context of
+        this batch (cond, negative and null): the larger of the one asked for (a sampling job counts its
+        prompts and negative prompt once for all batches) and what these prompts need."""
         key = self.input_keys[0]
-        return {key: as_prompts(get_input(inputs, key, self), key)}
+        prompts = as_prompts(get_input(inputs, key, self), key)
+        asked = self._windows(inputs) if self.windows_key in inputs else 1
+        return {key: prompts, self.windows_key: max(asked, self.count_windows(prompts))}
 
     def _cached(self, batch: Mapping[str, Any]) -> Tensor | None:
         """States precomputed by `cache_latents --text-encoder` (the encoder then never runs), checked."""
@@ -191,7 +272,10 @@ class FrozenTextEncoder(BaseConditioner):
         if cached is not None:
             return cached
         key = self.input_keys[0]
-        return self.encode_prompts(as_prompts(get_input(batch, key, self), key))
+        prompts = as_prompts(get_input(batch, key, self), key)
+        if self.windows_key in batch:  # prepared sampling prompts: emphasis and windows
+            return self.encode_sampling(prompts, self._windows(batch))
+        return self.encode_prompts(prompts)
 
     def null(
         self,
@@ -204,7 +288,8 @@ class FrozenTextEncoder(BaseConditioner):
             n = int(batch[self.cached_key].shape[0])
         else:
             n = len(as_prompts(get_input(batch, self.input_keys[0], self), self.input_keys[0]))
-        return self.null_context.expand(n, -1, -1)
+        windows = self._windows(batch) if self.windows_key in batch else 1
+        return self.null_context.repeat(1, windows, 1).expand(n, -1, -1)
 
     def extra_repr(self) -> str:
         return (

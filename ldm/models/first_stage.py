@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ldm.errors import UserError
 from ldm.interop.checkpoint import load_state_dict, strip_prefix
 from ldm.kinds import stage2_as_first_stage
+from ldm.models.tiling import TileSettings, tiled_decode, tiled_encode
 
 log = logging.getLogger(__name__)
 DEMO_AUTOENCODER = "outputs/autoencoder_kl/latest/model.safetensors"  # where `make demo` leaves stage 1
@@ -77,6 +78,9 @@ class LatentCodec(nn.Module):
 
     `scale_factor=None` means "compute once from data": 1/std of the first batch's latents, then stored as a
     buffer in every checkpoint and export (SD v1's 0.18215 was found this way).
+
+    `tiling` (`ldm.models.tiling.TileSettings`, not saved): large images are encoded/decoded in blended
+    tiles; by default only above 4 tiles of 512 pixels (1024 x 1024), so training resolutions never tile.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class LatentCodec(nn.Module):
         self.autoencoder_config = autoencoder_config  # its `_target_` config: lets exports rebuild it
         value = float("nan") if scale_factor is None else float(scale_factor)
         self.register_buffer("scale_factor", torch.tensor(value, dtype=torch.float32))
+        self.tiling = TileSettings()
 
     def train(self, mode: bool = True) -> LatentCodec:
         """Stay in eval mode: the autoencoder is frozen (no dropout, fixed norms)."""
@@ -122,6 +127,8 @@ class LatentCodec(nn.Module):
     @torch.no_grad()
     def encode_unscaled(self, pixels: torch.Tensor, sample: bool = True, generator=None) -> torch.Tensor:
         """E(x) before scaling: a posterior sample (KL) or the pre-quantisation latent (VQ)."""
+        if self.tiling.applies(*pixels.shape[-2:]):
+            return tiled_encode(self.autoencoder, pixels, self.tiling, sample=sample, generator=generator)
         return self.autoencoder.encode_latent(pixels, sample=sample, generator=generator)
 
     @torch.no_grad()
@@ -136,8 +143,12 @@ class LatentCodec(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> pixels in [-1,1] (not clamped)."""
-        return self.autoencoder.decode_latent(latents / self._require_scale().to(latents.dtype))
+        """Scaled latents -> pixels in [-1,1] (not clamped); tiled when `self.tiling` says so."""
+        z = latents / self._require_scale().to(latents.dtype)
+        f = self.downsample_factor
+        if self.tiling.applies(z.shape[-2] * f, z.shape[-1] * f):
+            return tiled_decode(self.autoencoder, z, self.tiling).to(z.dtype)
+        return self.autoencoder.decode_latent(z)
 
 
 def codec_from_checkpoint(path: str | None, scale_factor: float | None = None) -> LatentCodec:

@@ -7,8 +7,10 @@ not set get neutral values (the empty prompt; "generate everything" for an inpai
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ldm.conditioning.prompts import job_windows
 from ldm.errors import UserError
 from ldm.interop.load import LoadedModel
+from ldm.samplers.sigmas import truncate_for_strength
 from ldm.sampling.inputs import (
     check_size,
     load_image,
@@ -28,6 +32,7 @@ from ldm.sampling.inputs import (
     snap_size,
 )
 from ldm.sampling.job import Job, check_supported, full_mask_inputs
+from ldm.sampling.runner import Result, Settings, run_job
 
 log = logging.getLogger(__name__)
 FALLBACK_LATENT_SIDE = 32  # default size when neither the run config nor the yaml records one
@@ -50,6 +55,10 @@ class Task:
         self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
     ) -> Job:
         raise NotImplementedError
+
+    def sample(self, model: LoadedModel, job: Job, settings: Settings) -> Result:
+        """Run the job built by `build` (one pass; txt2img's hires fix runs two)."""
+        return run_job(model, job, settings)
 
     def preflight(self) -> None:
         """Fail on a missing input file before the (possibly minutes-long) model load."""
@@ -96,6 +105,11 @@ class Task:
         params = {"task": self.name, **kw.pop("params", {})}
         if "caption" in keys:
             params["negative_prompt"] = self.negative_prompt
+            prompts = {str(e["caption"]) for e in per_image if "caption" in e} | {self.negative_prompt}
+            shared.update(job_windows(model.model.conditioner, prompts, shared, str(model.path)))
+            windows = max([v for k, v in shared.items() if k.endswith("_windows")] or [1])
+            if windows > 1:
+                params["prompt_windows"] = windows
         return Job(
             size=size,
             per_image=per_image,
@@ -106,19 +120,122 @@ class Task:
         )
 
 
+@dataclass
+class Hires:
+    """txt2img's two-pass "hires fix": sample at the native size, upscale the decoded images by `scale`
+    (bicubic, in pixels), then img2img them at `strength` with a schedule of `steps` (None: the first
+    pass's), of which the last strength x steps run (SDEdit). strength 0: the upscaled first pass."""
+
+    scale: float
+    strength: float = 0.5
+    steps: int | None = None
+
+    UPSCALE = "bicubic (pixels: first pass decoded, upscaled, re-encoded by the VAE)"
+
+    @classmethod
+    def parse(cls, value: Any) -> Hires | None:
+        """`hires` option ({scale, strength, steps} or None) -> Hires, or None when scale is unset or 1."""
+        if value is None:
+            return None
+        if isinstance(value, Hires):
+            return value
+        if not isinstance(value, Mapping):
+            raise UserError(f"hires={value!r}: give hires.scale=2 (and hires.strength=0.5, hires.steps=20).")
+        unknown = sorted(set(value) - {"scale", "strength", "steps"})
+        if unknown:
+            raise UserError(f"hires: unknown keys {unknown}; use hires.scale, hires.strength, hires.steps.")
+        scale, strength, steps = value.get("scale"), value.get("strength", 0.5), value.get("steps")
+        if scale is None:
+            return None
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 1:
+            raise UserError(f"hires.scale={scale}: the upscale factor, a number >= 1 (e.g. 2; 1 = off).")
+        if float(scale) == 1.0:
+            return None
+        if strength is None:
+            strength = 0.5
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise UserError(
+                f"hires.strength={strength}: a number in [0, 1] (0.5 is usual; 0 = upscale only)."
+            )
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise UserError(f"hires.steps={steps}: a whole number >= 1, or null for the first pass's steps.")
+        return cls(float(scale), float(strength), steps)
+
+
+def upscale_pixels(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, 3, h, w) in [-1, 1] -> (N, 3, H, W) bicubic, clamped to [-1, 1] (hires fix's upscaler)."""
+    return F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
 class Txt2Img(Task):
-    """Text-to-image (LDM Sec. 4.3): prompts -> images of height x width."""
+    """Text-to-image (LDM Sec. 4.3): prompts -> images of height x width; `hires` adds a second,
+    upscaled img2img pass (see `Hires`)."""
 
     prompt_required = True
 
-    def __init__(self, name: str = "txt2img", **prompts: Any) -> None:
+    def __init__(self, name: str = "txt2img", hires: Any = None, **prompts: Any) -> None:
         super().__init__(name, **prompts)
+        self.hires = Hires.parse(hires)
 
     def build(
         self, model: LoadedModel, *, n: int, height: int | None = None, width: int | None = None
     ) -> Job:
+        """The job at the final size (scale x height/width when hires is on; its record says both)."""
         self.check(model)
-        return self.job(model, self.size(model, height, width), self.per_image(model, n))
+        native = self.size(model, height, width)
+        if self.hires is None:
+            return self.job(model, native, self.per_image(model, n))
+        f = self.factor(model)
+        size = check_size(*(max(f, round(s * self.hires.scale / f) * f) for s in native), f)
+        params = {
+            "hires": {
+                "scale": self.hires.scale,
+                "strength": self.hires.strength,
+                "steps": self.hires.steps,
+                "upscale": Hires.UPSCALE,
+                "first_pass_size": list(native),
+                "second_pass": "img2img" if self.hires.strength > 0 else "none (strength 0)",
+            }
+        }
+        return self.job(model, size, self.per_image(model, n), params=params)
+
+    def sample(self, model: LoadedModel, job: Job, settings: Settings) -> Result:
+        """One pass, or the hires fix: native-size txt2img -> bicubic upscale -> img2img per image (seed +
+        i, so an image never depends on its batch) at the job's size; records the second pass's steps."""
+        if self.hires is None:
+            return run_job(model, job, settings)
+        hires, record = self.hires, job.params["hires"]
+        first_job = self.job(model, tuple(record["first_pass_size"]), job.per_image, shared=job.shared)
+        first = run_job(model, first_job, settings)
+        upscaled = upscale_pixels(first.images, job.size)
+        if hires.strength == 0:
+            record["second_pass_steps"] = 0
+            codec = model.model.first_stage
+            device = next(codec.parameters()).device
+            latents = torch.cat(
+                [codec.encode_pixels(u[None].to(device), sample=False).float().cpu() for u in upscaled]
+            )
+            return Result(upscaled, latents, first.seeds, dict(first.timings), first.guided)
+        steps = copy.copy(settings.steps)
+        steps.steps = hires.steps or settings.steps.steps
+        sigmas = truncate_for_strength(steps(model.model.loss.schedule.alphas_cumprod), hires.strength)
+        record["second_pass_steps"] = len(sigmas) - 1
+        results = []
+        for i, seed in enumerate(first.seeds):
+            one = self.job(
+                model,
+                job.size,
+                [job.per_image[i]],
+                shared=job.shared,
+                init_image=upscaled[i : i + 1],
+                strength=hires.strength,
+            )
+            second = Settings(**{**vars(settings), "seed": seed, "batch_size": 1, "steps": steps})
+            results.append(run_job(model, one, second))
+        timings = {k: v + sum(r.timings[k] for r in results) for k, v in first.timings.items()}
+        images = torch.cat([r.images for r in results])
+        latents = torch.cat([r.latents for r in results])
+        return Result(images, latents, first.seeds, timings, first.guided)
 
 
 class Uncond(Task):
