@@ -299,7 +299,7 @@ class StepProgressBar(TQDMProgressBar):
         return "step"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last = (time.monotonic(), trainer.global_step)
+        self._last = None  # set at the first step: start-up and step-0 validation images are not steps
         super().on_train_start(trainer, pl_module)
 
     def _quiet(self, bar: Any) -> Any:
@@ -320,7 +320,10 @@ class StepProgressBar(TQDMProgressBar):
         step, total = trainer.global_step, trainer.max_steps if trainer.max_steps > 0 else None
         every = self.log_every or max(1, (total or 1000) // 20)
         now = time.monotonic()
-        then, then_step = self._last or (now, step)
+        if self._last is None:
+            self._last = (now, step)
+            return
+        then, then_step = self._last
         if step % every and now - then < self.log_every_s and step != total:
             return
         rate = (step - then_step) / max(now - then, 1e-9)
