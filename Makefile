@@ -18,7 +18,7 @@ LDM_STEPS  ?= 1200
 TASK_STEPS ?= 300
 SAMPLE     := $(BIN)/python sample.py steps=25 seed=0
 
-.PHONY: install data demo demo-autoencoder demo-latents demo-txt2img demo-tasks demo-sample test test-all lint bench clean
+.PHONY: install install-eval data demo demo-autoencoder demo-latents demo-txt2img demo-tasks demo-sample demo-eval test test-all lint bench clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -73,6 +73,30 @@ demo-sample: install
 		out_dir=outputs/samples/semantic
 	$(SAMPLE) task=superres ckpt=outputs/superres/latest/model.safetensors image=$(EX)/lowres.png n=4 \
 		out_dir=outputs/samples/superres
+
+# FID/KID with the standard Inception: torchvision from the same index as torch, then torch-fidelity.
+# TORCH_INDEX: torch's wheel index for your build (cpu, cu128, ...); then download the weights file
+# weights-inception-2015-12-05-6726825d.pth (torch-fidelity's v0.2.0 release) and pass EVAL_WEIGHTS=<it>.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+install-eval: install
+	$(BIN)/pip install -q torchvision --index-url $(TORCH_INDEX) --no-deps
+	$(BIN)/pip install -q --no-deps "torch-fidelity>=0.3"
+	$(BIN)/python -c "import torchmetrics, torch_fidelity"   # fails loudly if torchvision does not match torch
+
+# Scores of the demo models against the embedded validation set (outputs/eval/*.json + tables).
+# EVAL_FEATURES=inception EVAL_WEIGHTS=<weights-inception-2015-12-05-6726825d.pth> for real FIDs.
+EVAL_FEATURES ?= tiny
+EVAL_WEIGHTS  ?=
+EVAL := $(BIN)/python -m ldm.evaluate --reference '$(DATA)/val-*.tar' --features $(EVAL_FEATURES) \
+	$(if $(EVAL_WEIGHTS),--inception-weights $(EVAL_WEIGHTS),)
+demo-eval: install
+	$(EVAL) --autoencoder $(AE) --out outputs/eval/autoencoder_kl.json
+	$(EVAL) --generated outputs/samples/txt2img --out outputs/eval/txt2img.json
+	$(EVAL) --checkpoint outputs/class_cond/latest/model.safetensors --labels 0 1 2 3 4 --n 40 --steps 25 \
+		--out outputs/eval/class_cond.json
+	$(EVAL) --superres outputs/superres/latest/model.safetensors --factor 4 --limit 50 --steps 25 \
+		--out outputs/eval/superres.json
+	$(BIN)/python -m ldm.evaluate --runs 'outputs/*/2*'
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -471,6 +471,7 @@ def optimizer_device(key: str, value: Any, cfg: DictConfig) -> str | None:
 
 
 TI_TARGET = "ldm.training.textual_inversion.ti_module_from_base"
+FEATURES = ("inception", "inception-random", "tiny")  # ldm.evaluate feature networks
 
 
 def ti_option(key: str, value: Any, cfg: DictConfig) -> str | None:
@@ -514,7 +515,7 @@ TRAIN_CHECKS: list[Check] = [
     Check("ti.templates", ti_option),
     Check("validation.prompt_file", existing_file("text file of validation prompts, one a line")),
     Check("validation.every_n_steps", whole(0, "0 = no validation images", 250)),
-    # DreamBooth (experiment=dreambooth): instance folder, prompts, class images; base_model has a text encoder
+    # DreamBooth: instance folder, prompts, class images; base_model has a text encoder
     *(Check(key, rule) for key, rule in dreambooth.RULES),
     # data: the loader, then what the pipeline can do
     Check("data.batch_size", whole(1, "samples per step on each device", 16)),
@@ -546,6 +547,11 @@ TRAIN_CHECKS: list[Check] = [
     Check("model.loss.schedule.zero_terminal_snr", boolean),
     Check("model.preview_steps", whole(1, "sampler steps of the preview grids", 25)),
     Check("callbacks.image_logger.every_n_steps", whole(0, "0 = no sample grids", 250)),
+    Check("callbacks.sample_metrics.every_n_steps", whole(0, "0 = off", 250)),
+    Check("callbacks.sample_metrics.num_images", whole(2, "FID/KID need at least 2", 16)),
+    Check("callbacks.sample_metrics.features", one_of(FEATURES, "FID/KID features")),
+    Check("callbacks.sample_metrics.feature_extractor_weights_path", existing_file("Inception weights")),
+    Check("callbacks.metrics_csv.flush_every_n_steps", whole(1, "logged steps between rewrites", 50)),
     # the end-of-run export in the original CompVis/Stability layout (callbacks.ExportSafetensors)
     Check("callbacks.export.original", boolean),
     Check("callbacks.export.original_dtype", one_of(("fp32", "fp16", "bf16"), "the original export's")),

@@ -426,7 +426,7 @@ def test_bad_config_rows_refuse_before_work(tmp_path):
         return str(info.value)
 
     base = f"base_model={CIN / 'model.safetensors'}"
-    assert "base_model=null: experiment=finetune needs the file" in problem()
+    assert "base_model=null: experiment=finetune needs the model to start from" in problem()
     assert "no such file" in problem(f"base_model={tmp_path / 'missing.safetensors'}")
     assert "model.text_encoder_lr=1e-06: the text encoder is frozen" in problem(
         base, "model.text_encoder_lr=1e-6"

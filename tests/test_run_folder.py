@@ -59,8 +59,12 @@ def short_run(tmp_path_factory, tiny_data, tiny_ae):  # noqa: F811
     ]
     cfg = compose_train(args)
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        train.train(cfg)
+    os.environ["LDM_PROGRESS"] = "bar"  # the tqdm bar although stdout is captured (no terminal)
+    try:
+        with contextlib.redirect_stdout(out):
+            train.train(cfg)
+    finally:
+        del os.environ["LDM_PROGRESS"]
     return {"run_dir": run_dir, "runs_dir": runs_dir, "cfg": cfg, "stdout": out.getvalue()}
 
 

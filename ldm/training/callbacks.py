@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -282,13 +283,17 @@ class StepProgressBar(TQDMProgressBar):
     """The tqdm bar in optimisation steps (`step 120/1000`): runs are sized in steps, not epochs, and with
     `max_epochs=-1` Lightning's epoch bar read `Epoch 173/-2`.
 
-    When stderr is not a terminal (a redirected log, a cluster job), tqdm's carriage returns would make one
-    endless line: the bar is off and a plain log line is written every `log_every` steps and at least every
-    `log_every_s` seconds — step, the logged losses, it/s and the time left."""
+    When stdout is not a terminal (a redirected log, a cluster job; `LDM_PROGRESS=bar|lines` overrides),
+    tqdm's carriage returns would make one endless line: the bar is off and a plain log line is written
+    every `log_every` steps and at least every `log_every_s` seconds: step, losses, it/s, time left."""
 
     def __init__(self, log_every: int | None = None, log_every_s: float = 60.0, plain: bool | None = None):
         super().__init__()
-        self.plain = (not sys.stderr.isatty()) if plain is None else bool(plain)
+        forced = os.environ.get("LDM_PROGRESS", "").strip().lower()  # bar | lines: override the detection
+        if plain is None:
+            # tqdm writes to stdout
+            plain = forced == "lines" or (forced != "bar" and not sys.stdout.isatty())
+        self.plain = bool(plain)
         self.log_every, self.log_every_s = log_every, float(log_every_s)
         self._last: tuple[float, int] | None = None
         if self.plain:
