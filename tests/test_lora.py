@@ -125,6 +125,20 @@ def test_lora_on_a_label_model_cin256():
     assert fixed_loss(module, batch) < before
 
 
+def test_untrained_base_is_refused(sd_base, tmp_path):
+    """A fresh UNet's output conv is zero: no gradient reaches the adapters (a user run learnt nothing)."""
+    from safetensors.torch import load_file, save_file
+
+    file, config, tokenizer = sd_base
+    state = load_file(str(file))
+    state["model.diffusion_model.out.2.weight"] = torch.zeros_like(
+        state["model.diffusion_model.out.2.weight"]
+    )
+    save_file(state, tmp_path / "fresh.safetensors")
+    with pytest.raises(UserError, match="untrained"):
+        sd_lora((tmp_path / "fresh.safetensors", config, tokenizer))
+
+
 def test_lora_bad_options_name_the_fix(sd_base):
     with pytest.raises(UserError, match="lora.targets"):
         sd_lora(sd_base, {"targets": ["attention"]})

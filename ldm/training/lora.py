@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ldm.adapters import lora as L
@@ -142,6 +143,7 @@ def lora_module_from_base(
         cond_dropout=cond_dropout,
         resolution=resolution,
     )
+    check_trained(model, base_model)
     summary = add_lora_to_model(model, text, **lora)
     lr = float(te_lr if te_lr is not None else optim["lr"])
     module = LoraModule.from_model(
@@ -165,6 +167,20 @@ def lora_module_from_base(
         summary["unet_parameters"],
     )
     return module
+
+
+def check_trained(model: Any, base_model: str | None) -> None:
+    """UserError for an untrained base: a freshly initialised UNet's output convolution is all zeros (as are
+    its blocks' last layers), so no gradient reaches adapters inside it and LoRA would learn nothing."""
+    out = getattr(model.unet, "out", None)
+    last = out[-1] if isinstance(out, torch.nn.Sequential) and len(out) else None
+    weight = getattr(last, "weight", None)
+    if weight is not None and not bool(weight.detach().abs().sum()):
+        raise UserError(
+            f"base_model={base_model} is untrained: its UNet's output layer is all zeros, so LoRA adapters "
+            "get no gradient and would learn nothing. Train or fine-tune the whole model first "
+            "(experiment=finetune), then put LoRA on the result."
+        )
 
 
 def base_unet_identity(model: Any) -> str:
