@@ -202,6 +202,8 @@ def test_command_checkpoints_only_the_adapter_resumes_exactly_and_exports_both_f
     keys = set(a["state_dict"])
     assert keys and all(".lora_A." in k or ".lora_B." in k or k.startswith("ema.") for k in keys)
     assert any("conditioner" in k for k in keys)  # the text-encoder LoRA is in too
+    ups = [v for k, v in a["state_dict"].items() if ".lora_B." in k and not k.startswith("ema.")]
+    assert ups and all(float(v.abs().max()) > 0 for v in ups)  # trained: every up weight left its zero init
     differ = [k for k in keys if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
     assert not differ, differ[:3]
     size = (straight / "checkpoints" / "step000003.ckpt").stat().st_size
