@@ -18,7 +18,7 @@ LDM_STEPS  ?= 1200
 TASK_STEPS ?= 300
 SAMPLE     := $(BIN)/python sample.py steps=25 seed=0
 
-.PHONY: install install-eval data demo demo-autoencoder demo-latents demo-txt2img demo-tasks demo-sample demo-eval test test-all lint bench clean
+.PHONY: install install-eval data demo demo-autoencoder demo-latents demo-txt2img demo-tasks demo-sample demo-summary demo-eval test test-all lint bench clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -34,7 +34,7 @@ $(DATA)/manifest.json: data/make_dataset.py | $(STAMP)
 
 # The whole chain: autoencoder -> cached latents -> txt2img model -> class / semantic / superres models ->
 # every sample.py task from those models.
-demo: install data demo-autoencoder demo-latents demo-txt2img demo-tasks demo-sample
+demo: install data demo-autoencoder demo-latents demo-txt2img demo-tasks demo-sample demo-summary
 
 demo-autoencoder: install data
 	$(BIN)/python train.py experiment=autoencoder_kl trainer.max_steps=$(AE_STEPS)
@@ -97,6 +97,10 @@ demo-eval: install
 	$(EVAL) --superres outputs/superres/latest/model.safetensors --factor 4 --limit 50 --steps 25 \
 		--out outputs/eval/superres.json
 	$(BIN)/python -m ldm.evaluate --runs 'outputs/*/2*'
+
+# What the demo produced, measured from its own run folders and samples: outputs/demo_summary.{md,json}.
+demo-summary: install
+	$(BIN)/python data/demo_summary.py --outputs outputs --out outputs/demo_summary
 
 test: install
 	$(BIN)/python -m pytest -q

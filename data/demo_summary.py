@@ -1,0 +1,148 @@
+"""What `make demo` produced, measured from its own outputs: `outputs/demo_summary.{md,json}`.
+
+Per training stage (the run `outputs/<experiment>/latest` points at): steps, wall time (first to last line of
+its train.log), first/last logged training loss and the last validation metrics (its metrics.csv), and where
+the model is. For the txt2img samples (`outputs/samples/txt2img/run.json`): an automatic check of each image's
+background colour against the one its prompt names (the nearest of the data set's named colours to the mean
+of the image's 4-px border). The README's demo figures are copied from this file.
+
+    python data/demo_summary.py [--outputs outputs] [--out outputs/demo_summary]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from make_dataset import COLORS
+from PIL import Image
+
+STAGES = ("autoencoder_kl", "txt2img", "class_cond", "semantic", "superres")
+STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+\]")
+VAL_KEYS = ("val/loss", "val/psnr", "val/rec_loss")
+
+
+def _floats(rows: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+def stage_summary(run: Path) -> dict:
+    """Steps, seconds, losses and validation metrics of one run folder."""
+    out: dict = {"run": str(run.resolve()), "model": None, "steps": None, "seconds": None}
+    model = run / "model.safetensors"
+    out["model"] = str(model) if model.is_file() else None
+    metrics = run / "metrics.csv"
+    if metrics.is_file():
+        rows = list(csv.DictReader(metrics.open()))
+        steps = [int(float(r["step"])) for r in rows if r.get("step")]
+        out["steps"] = max(steps) if steps else None
+        loss = _floats(rows, "train/loss")
+        if loss:
+            out["train_loss_first"], out["train_loss_last"] = loss[0], loss[-1]
+        for key in VAL_KEYS:
+            values = _floats(rows, key)
+            if values:
+                out[key] = values[-1]
+    log = run / "train.log"
+    if log.is_file():
+        times = [
+            m.group(1) for line in log.read_text(errors="replace").splitlines() if (m := STAMP.match(line))
+        ]
+        if len(times) >= 2:
+            first, last = (datetime.strptime(t, "%Y-%m-%d %H:%M:%S") for t in (times[0], times[-1]))
+            out["seconds"] = int((last - first).total_seconds())
+    return out
+
+
+def nearest_colour(rgb: np.ndarray) -> str:
+    names = list(COLORS)
+    table = np.array([COLORS[n] for n in names], dtype=float)
+    return names[int(np.argmin(((table - rgb) ** 2).sum(axis=1)))]
+
+
+def background_check(samples: Path) -> dict | None:
+    """Images whose border colour is the background their prompt names ("... on a blue background")."""
+    record = samples / "run.json"
+    if not record.is_file():
+        return None
+    images = json.loads(record.read_text())["images"]
+    checked, right = [], 0
+    for entry in images:
+        named = re.search(r"on an? (\w+) background", entry.get("prompt") or "")
+        if not named or named.group(1) not in COLORS:
+            continue
+        a = np.asarray(Image.open(samples / entry["file"]).convert("RGB"), dtype=float)
+        border = np.concatenate([a[:4].reshape(-1, 3), a[-4:].reshape(-1, 3), a[:, :4].reshape(-1, 3),
+                                 a[:, -4:].reshape(-1, 3)])  # fmt: skip
+        seen = nearest_colour(border.mean(axis=0))
+        right += seen == named.group(1)
+        checked.append({"file": entry["file"], "asked": named.group(1), "seen": seen})
+    return {"right": right, "of": len(checked), "images": checked}
+
+
+def summarise(outputs: Path) -> dict:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    summary = {
+        "commit": commit or None,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "stages": {},
+    }
+    for name in STAGES:
+        run = outputs / name / "latest"
+        if run.exists():
+            summary["stages"][name] = stage_summary(run)
+    summary["txt2img_background"] = background_check(outputs / "samples" / "txt2img")
+    summary["samples"] = sorted(str(p) for p in (outputs / "samples").glob("*") if p.is_dir())
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    lines = [
+        f"make demo summary (commit {summary['commit']}, {summary['machine']})",
+        "",
+        "| stage | steps | time | train loss first → last | validation | model |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary["stages"].items():
+        secs = s.get("seconds")
+        time = f"{secs // 60} min {secs % 60} s" if secs is not None else "?"
+        loss = f"{s['train_loss_first']:.3f} → {s['train_loss_last']:.3f}" if "train_loss_first" in s else "?"
+        val = ", ".join(f"{k} {s[k]:.4g}" for k in VAL_KEYS if k in s) or "-"
+        lines.append(f"| {name} | {s.get('steps')} | {time} | {loss} | {val} | {s.get('model')} |")
+    bg = summary.get("txt2img_background")
+    if bg:
+        lines += [
+            "",
+            f"txt2img samples with the background colour their prompt names: {bg['right']}/{bg['of']}",
+        ]
+    lines += ["", "samples: " + ", ".join(summary["samples"])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--outputs", default="outputs")
+    parser.add_argument("--out", default="outputs/demo_summary")
+    args = parser.parse_args()
+    summary = summarise(Path(args.outputs))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    text = markdown(summary)
+    out.with_suffix(".md").write_text(text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
