@@ -11,7 +11,7 @@ DATA   := data/shards/shapes
 LATENTS := data/shards/shapes_latents
 EX     := $(DATA)/examples
 AE     := outputs/autoencoder_kl/latest/model.safetensors
-# Demo length: 17 min 20 s for the whole chain on 2 CPU cores from a fresh clone. Raise the steps for
+# Demo length: 9 min 59 s for the whole chain on 2 quiet CPU cores (outputs/demo_summary.md). Raise the steps for
 # better models, e.g. `make demo AE_STEPS=2000 LDM_STEPS=5000 TASK_STEPS=2000`.
 AE_STEPS   ?= 400
 LDM_STEPS  ?= 1200

@@ -44,8 +44,10 @@ def stage_summary(run: Path) -> dict:
     if metrics.is_file():
         rows = list(csv.DictReader(metrics.open()))
         steps = [int(float(r["step"])) for r in rows if r.get("step")]
-        out["steps"] = max(steps) if steps else None
-        loss = _floats(rows, "train/loss")
+        out["steps"] = max(steps) + 1 if steps else None  # rows carry the step index before the update
+        key = "train/rec_loss" if any(r.get("train/rec_loss") for r in rows) else "train/loss"  # stage 1: L1
+        out["train_loss_key"] = key
+        loss = _floats(rows, key)
         if loss:
             out["train_loss_first"], out["train_loss_last"] = loss[0], loss[-1]
         for key in VAL_KEYS:
@@ -111,7 +113,7 @@ def markdown(summary: dict) -> str:
     lines = [
         f"make demo summary (commit {summary['commit']}, {summary['machine']})",
         "",
-        "| stage | steps | time | train loss first → last | validation | model |",
+        "| stage | steps | time | train loss first → last (stage 1: rec. L1) | validation | model |",
         "|---|---|---|---|---|---|",
     ]
     for name, s in summary["stages"].items():

@@ -48,9 +48,9 @@ def test_summary_reads_steps_time_losses_and_checks_backgrounds(tmp_path):
     (samples / "run.json").write_text(json.dumps({"images": images}))
     summary = ds.summarise(tmp_path)
     s = summary["stages"]["txt2img"]
-    assert s["steps"] == 1199 and s["seconds"] == 299
+    assert s["steps"] == 1200 and s["seconds"] == 299
     assert (s["train_loss_first"], s["train_loss_last"], s["val/loss"]) == (0.30, 0.02, 0.03)
     bg = summary["txt2img_background"]
     assert (bg["right"], bg["of"]) == (1, 2) and bg["images"][1]["seen"] == "green"
     text = ds.markdown(summary)
-    assert "| txt2img | 1199 | 4 min 59 s | 0.300 → 0.020 | val/loss 0.03 |" in text and "1/2" in text
+    assert "| txt2img | 1200 | 4 min 59 s | 0.300 → 0.020 | val/loss 0.03 |" in text and "1/2" in text
