@@ -178,6 +178,24 @@ def test_minilm_run_has_no_original_layout_and_exports_ours(tiny_data, tiny_ae, 
     again = load_model(out)  # the EMA weights (the CLI's default keeps them in place for our layout)
     _same_model(exported.model, again.model)
 
+    # merge_lora on a model trained here (no original layout): our layout, equal to the merge in memory
+    from ldm.adapters import lora as L
+    from ldm.adapters.lora_files import save_lora
+    from ldm.interop import merge_lora
+
+    tuned = load_model(run / "model.safetensors").model
+    L.add_lora(tuned.unet, L.unet_targets(tuned.unet, ["attn"]), rank=2)
+    with torch.no_grad():
+        for _, layer in L.lora_layers(tuned):
+            layer.lora_B["default"].weight.normal_(0, 0.1)
+    adapter = save_lora(tmp_path / "lora.safetensors", L.lora_state(tuned), model=tuned)
+    merged = tmp_path / "merged.safetensors"
+    args = [str(run / "model.safetensors"), str(adapter), str(merged), "--scales", "0.5"]
+    assert merge_lora.main(args) == 0
+    expect = load_model(run / "model.safetensors").model
+    L.merge_lora(expect, L.lora_state(tuned), 0.5)
+    _same_model(expect, load_model(merged).model)
+
 
 def test_clip_run_exports_the_sd_layout(tiny_data, tiny_ae, tmp_path, clip_folders):  # noqa: F811
     full, tokenizer = clip_folders

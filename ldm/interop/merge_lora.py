@@ -27,7 +27,16 @@ import torch
 from ldm.adapters.lora import merge_lora
 from ldm.adapters.lora_files import load_lora
 from ldm.errors import UserError
-from ldm.interop.export import DTYPES, load_source, original_state, original_yaml_text, save_original
+from ldm.interop.checkpoint import save_safetensors
+from ldm.interop.export import (
+    DTYPES,
+    NoOriginalLayout,
+    cast_state,
+    load_source,
+    original_state,
+    original_yaml_text,
+    save_original,
+)
 
 log = logging.getLogger(__name__)
 USAGE = "python -m ldm.interop.merge_lora BASE LORA [LORA ...] OUT.safetensors"
@@ -86,6 +95,9 @@ def merge_files(
 ) -> Path:
     """Merge `loras` (with `scales`, default 1.0 each) into `base` and write `out` (+ `out`.yaml).
 
+    The original layout when the model has one; a model trained here with parts no original family has is
+    written in our export layout with its run config (loadable with `load_model` / sample.py).
+
     All LoRAs are read and checked against the base before any is merged. Raises UserError (see
     `check_arguments`, `load_lora`, `load_source`) and writes nothing then."""
     base, out, paths = Path(base), Path(out), [Path(p) for p in loras]
@@ -104,7 +116,15 @@ def merge_files(
     for path, adapter, scale in zip(paths, adapters, factors, strict=True):
         merge_lora(model, adapter, scale)
         log.info("merged %d layers of %s (scale %g)", len(adapter), path, scale)
-    state = original_state(model, None, betas=source.betas)
+    try:
+        state = original_state(model, None, betas=source.betas)
+    except NoOriginalLayout as e:
+        # a model trained here with parts no original family has (MiniLM text encoder, pooled_context): our
+        # export layout with the run config, which load_model / sample.py read like any train.py export
+        log.warning("%s Writing our own export layout to %s instead (load it with ldm's load_model).", e, out)
+        state = cast_state(model.export_state_dict(), dtype)
+        save_safetensors(state, out, source.run_config)
+        return out
     return save_original(state, out, dtype, original_yaml_text(source))
 
 
