@@ -73,9 +73,9 @@ class FineTuneModule(LatentDiffusionModule):
             tuned = any(isinstance(c, TunedTextEncoder) for c in self.conditioner.conditioners.values())
             if tuned and "caption_emb" in (datamodule.options.keys or ()):
                 raise UserError(
-                    "the text encoder trains (model.train_text_encoder / model.lora.text_encoder), but data.keys "
-                    "holds cached caption_emb (states of the frozen encoder): drop caption_emb from data.keys "
-                    "so captions are encoded as it trains."
+                    "the text encoder trains (model.train_text_encoder / model.lora.text_encoder), but "
+                    "data.keys holds cached caption_emb (states of the frozen encoder): drop caption_emb "
+                    "from data.keys so captions are encoded as it trains."
                 )
 
     def export_config(self, config: dict) -> dict:
