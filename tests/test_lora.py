@@ -210,11 +210,14 @@ def test_command_checkpoints_only_the_adapter_resumes_exactly_and_exports_both_f
     file = sd_base[0]
     assert size < 0.5 * file.stat().st_size  # adapter + optimizer state, not the base model
     assert not (straight / "model.safetensors").exists()
-    for name in ("lora.safetensors", "pytorch_lora_weights.safetensors"):
-        with safe_open(str(straight / name), "pt") as f:
-            meta = f.metadata()
-            n = len(list(f.keys()))
-        assert n > 0 and json.loads(meta["ss_network_dim"]) == 4 if "ss_network_dim" in meta else n > 0
+    with safe_open(str(straight / "lora.safetensors"), "pt") as f:
+        kohya = f.metadata()
+        assert len(list(f.keys())) > 0
+    assert json.loads(kohya["ss_network_dim"]) == 4 and float(kohya["ss_network_alpha"]) == 4.0
+    with safe_open(str(straight / "pytorch_lora_weights.safetensors"), "pt") as f:
+        peft_meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        assert all(".lora_A." in k or ".lora_B." in k for k in f.keys())
+    assert peft_meta["unet.r"] == 4 and float(peft_meta["unet.lora_alpha"]) == 4.0
     with safe_open(str(straight / "lora.safetensors"), "pt") as f:
         assert all(k.startswith(("lora_unet_", "lora_te_")) for k in f.keys())
 
