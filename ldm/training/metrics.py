@@ -260,24 +260,13 @@ class SampleMetrics(pl.Callback):
         from ldm.evaluate import scores
         from ldm.evaluate.features import extract
         from ldm.evaluate.run import reference_features, to_uint8
+        from ldm.training.validation import sample_fixed
 
         inputs, seeds, described = self.inputs.inputs(pl_module)
         f = pl_module.first_stage.downsample_factor
         res = self.inputs.resolution
         size = (res // f, res // f) if res else pl_module.model.latent_size(self.inputs._batch)
-        inputs = {k: (v.to(pl_module.device) if isinstance(v, Tensor) else v) for k, v in inputs.items()}
-        cfg = self.inputs.cfg_scale if self.inputs.cfg_scale is not None else pl_module.preview_cfg_scale
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            if pl_module.ema is not None:
-                with pl_module.ema.swapped_in(pl_module.model):
-                    samples = pl_module.sample(inputs, seeds, cfg, latent_size=size)
-            else:
-                samples = pl_module.sample(inputs, seeds, cfg, latent_size=size)
-        finally:
-            pl_module.train(was_training)
-        fake = to_uint8(samples)
+        fake = to_uint8(sample_fixed(pl_module, inputs, seeds, self.inputs.cfg_scale, size))
         values: dict[str, float] = {}
         if {"fid", "kid"} & set(self.metrics):
             device = str(pl_module.device)

@@ -39,6 +39,28 @@ def read_prompts(prompts: Sequence[Any] | None, prompt_file: str | None) -> list
     return out
 
 
+def sample_fixed(
+    pl_module: pl.LightningModule,
+    inputs: dict[str, Any],
+    seeds: list[int],
+    cfg_scale: float | None,
+    latent_size: tuple[int, int] | None,
+) -> Tensor:
+    """Images (B,3,H,W) in [-1,1] of fixed conditioning inputs, sampled in eval mode with the EMA weights
+    swapped in (when the module keeps an EMA); `cfg_scale` None = the module's preview_cfg_scale."""
+    inputs = {k: (v.to(pl_module.device) if isinstance(v, Tensor) else v) for k, v in inputs.items()}
+    cfg = cfg_scale if cfg_scale is not None else pl_module.preview_cfg_scale
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        if pl_module.ema is not None:
+            with pl_module.ema.swapped_in(pl_module.model):
+                return pl_module.sample(inputs, seeds, cfg, latent_size=latent_size)
+        return pl_module.sample(inputs, seeds, cfg, latent_size=latent_size)
+    finally:
+        pl_module.train(was_training)
+
+
 class ValidationImages(pl.Callback):
     """Every `every_n_steps` optimizer steps, at 0 and at the end: fixed-seed samples to PNG, JSON, logger."""
 
@@ -135,19 +157,7 @@ class ValidationImages(pl.Callback):
         size = (self.resolution // f, self.resolution // f) if self.resolution else None
         if size is None and self._batch is not None and "image" in self._batch:
             size = pl_module.model.latent_size(self._batch)
-        inputs = {k: (v.to(pl_module.device) if isinstance(v, Tensor) else v) for k, v in inputs.items()}
-        cfg = self.cfg_scale if self.cfg_scale is not None else pl_module.preview_cfg_scale
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            if pl_module.ema is not None:
-                with pl_module.ema.swapped_in(pl_module.model):
-                    images = pl_module.sample(inputs, seeds, cfg, latent_size=size)
-            else:
-                images = pl_module.sample(inputs, seeds, cfg, latent_size=size)
-        finally:
-            pl_module.train(was_training)
-        images = images.float().cpu()
+        images = sample_fixed(pl_module, inputs, seeds, self.cfg_scale, size).float().cpu()
         if step == 0:
             self.base_images = images  # the base model, before any update
         rows = (["base model (step 0)"] if self.base_images is not None else []) + (
@@ -156,7 +166,7 @@ class ValidationImages(pl.Callback):
         info = {
             "step": step,
             "images": described,
-            "cfg_scale": cfg,
+            "cfg_scale": self.cfg_scale if self.cfg_scale is not None else pl_module.preview_cfg_scale,
             "sampler_steps": pl_module.preview_steps.steps,
             "rows": rows,  # a resumed run has no step-0 row
         }
