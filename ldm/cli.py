@@ -19,7 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config_checks import dir_problem
+from ldm.config_checks import CONF_DIR, dir_problem
 
 _INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")  # a value that is exactly one plain interpolation
 
@@ -30,7 +30,6 @@ SCRIPT_GROUPS = {
               "sampler"),  # sampler: the preview / validation sampler of stage-2 models
     "sample": ("task", "sampler"),
 }  # fmt: skip
-CONF_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
 
 
 def help_groups(script: str) -> str:
