@@ -1,6 +1,6 @@
 """Training-step benchmark: ldm's AutoencoderKL against diffusers' AutoencoderKL of the same size.
 
-One step = encode -> posterior sample -> decode, loss = L1 reconstruction + KL_WEIGHT * KL, backward, Adam
+One step = encode -> posterior sample -> decode, loss = L1 reconstruction + KL_WEIGHT * KL, backward, AdamW
 step: the same simple loss for both, so that the autoencoders are timed, not LPIPS or a GAN. Both models
 start from identical weights (ours, converted to diffusers' names by diffusers' own
 `convert_ldm_vae_checkpoint`) and get identical inputs; before timing, each reconstructs one image with
@@ -12,6 +12,9 @@ copy of the weights from loading them, in both). `--full-loss` adds, for informa
 our model with the full `AutoencoderLoss` (LPIPS with random VGG weights, PatchGAN with the adaptive
 weight, and the discriminator's own step), as one training iteration with the GAN active.
 `--profile` prints each model's top operators (torch.profiler) after timing.
+The speed switches of `bench/common.py` apply to both models alike: `--compile [--compile-mode M]`,
+`--channels-last` (NHWC weights and images), `--adamw fused|foreach|loop` (`default`: torch's choice, the
+per-tensor loop on CPU; stage-1 training uses fused wherever torch has it).
 
     python bench/bench_autoencoder.py                          # demo size, CPU, ~1-2 min on 2 cores
     python bench/bench_autoencoder.py --device cuda --dtype bf16 --size sd --batch-size 4 --resolution 256
@@ -26,7 +29,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import current_rss_bytes, peak_memory_bytes, reply, run_children, serve_steps
+from common import (
+    ADAMW,
+    add_switch_arguments,
+    apply_switches,
+    current_rss_bytes,
+    describe_switches,
+    peak_memory_bytes,
+    reply,
+    run_children,
+    serve_steps,
+    write_profile,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers is built from a config; nothing is downloaded
 
@@ -154,8 +168,8 @@ def serve(args: argparse.Namespace) -> None:
     del state
     model.to(device).train()
     x = inputs["x"].to(device)
-    if args.channels_last:  # NHWC activations: what cuDNN's bf16 kernels prefer
-        model.to(memory_format=torch.channels_last)
+    apply_switches(model, args)  # --compile, --channels-last (NHWC: what cuDNN's bf16 kernels prefer)
+    if args.channels_last:  # ours converts its inputs in a pre-hook; diffusers' encode() does not
         x = x.contiguous(memory_format=torch.channels_last)
     forward = forward_fn(args.only, model)
 
@@ -175,7 +189,10 @@ def serve(args: argparse.Namespace) -> None:
     if args.only == FULL_LOSS:
         forward_backward, step = full_loss_step(model, x, autocast)
     else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.5, 0.9))  # CompVis betas
+        # CompVis betas, no weight decay (AdamW with 0 decay is Adam); training uses this AdamW
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0, **ADAMW[args.adamw]
+        )
 
         def forward_backward() -> None:
             with autocast:
@@ -202,19 +219,6 @@ def serve(args: argparse.Namespace) -> None:
     params = sum(p.numel() for p in model.parameters())
     reply(json.dumps(dict(params=params, peak_mem=peak_mem, flops=counter.get_total_flops(),
                           threads=torch.get_num_threads())))  # fmt: skip
-
-
-def write_profile(step, sync, cuda: bool, path: Path) -> None:
-    """Two profiled steps; the operators with the most self time, as a table in `path`."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        for _ in range(2):
-            step()
-        sync()
-    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=40))
 
 
 def prepare(args: argparse.Namespace, workdir: Path) -> None:
@@ -252,10 +256,9 @@ def report(args: argparse.Namespace, results: dict[str, dict], max_diff: float, 
     cuda = args.device.startswith("cuda")
     f = 2 ** (len(SIZES[args.size]["ch_mult"]) - 1)
     latent = args.resolution // f
-    layout = "channels_last" if args.channels_last else "NCHW"
     print(
-        f"AutoencoderKL training step (encode, sample, decode, L1 + KL, backward, Adam): size={args.size}, "
-        f"device={args.device}, dtype={args.dtype}, {layout}, batch={args.batch_size}, "
+        f"AutoencoderKL training step (encode, sample, decode, L1 + KL, backward, AdamW): size={args.size}, "
+        f"device={args.device}, dtype={args.dtype}, {describe_switches(args)}, batch={args.batch_size}, "
         f"{args.resolution}px images -> "
         f"{EMBED_DIM}x{latent}x{latent} latents, median of {args.steps} steps after {args.warmup} warmup, "
         f"torch threads={ours['threads']}, {'interleaved' if not cuda else 'one model after the other'}"
@@ -302,9 +305,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--size", default="demo", choices=list(SIZES))
-    parser.add_argument("--channels-last", action="store_true", help="both models and inputs in NHWC")
     parser.add_argument("--full-loss", action="store_true", help=f"also time {FULL_LOSS} (info only)")
-    parser.add_argument("--profile", action="store_true", help="print each model's top operators")
+    add_switch_arguments(parser)
     parser.add_argument("--only", help=argparse.SUPPRESS)  # child process: which model
     parser.add_argument("--workdir", help=argparse.SUPPRESS)  # child process: shared weights and inputs
     args = parser.parse_args()

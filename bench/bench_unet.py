@@ -14,19 +14,39 @@ other (a dedicated device, and two resident SD-size models might not fit). The m
 FLOPs per step come from `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention;
 forward and backward); with `--peak-tflops` the model FLOPs utilisation is FLOPs / step time / peak.
 
+Speed switches, applied to both models alike (ours through `ldm.training.speed.prepare_for_speed`, as
+`model.compile` / `model.channels_last` do in training; diffusers' through the same torch calls):
+`--compile [--compile-mode M]` (`nn.Module.compile`: the first warmup step compiles), `--channels-last`
+(NHWC weights and inputs), `--adamw fused|foreach|loop` (torch AdamW's implementations; `default` is
+torch's own choice, the per-tensor loop on CPU; our training uses fused wherever torch has it).
+`--profile` prints each model's top operators (torch.profiler) after timing.
+
     python bench/bench_unet.py                                  # small model, CPU, ~1-2 min on 2 cores
     python bench/bench_unet.py --device cuda --dtype bf16 --size sd --batch-size 8 --resolution 512 \
         --peak-tflops 989                                      # H100 SXM dense bf16
+    python bench/bench_unet.py --adamw fused --channels-last    # the CPU switches, both models
 """
 
 import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import current_rss_bytes, peak_memory_bytes, reply, run_children, serve_steps  # noqa: E402
+from common import (  # noqa: E402
+    ADAMW,
+    add_switch_arguments,
+    apply_switches,
+    current_rss_bytes,
+    describe_switches,
+    peak_memory_bytes,
+    reply,
+    run_children,
+    serve_steps,
+    write_profile,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers is built from a config; nothing is downloaded
 
@@ -91,7 +111,8 @@ def serve(args: argparse.Namespace) -> None:
         model = build_diffusers(args.size, latent)
         call = lambda x, t, c: model(x, t, encoder_hidden_states=c).sample
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    apply_switches(model, args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **ADAMW[args.adamw])
 
     gen = torch.Generator().manual_seed(1)  # identical inputs for both models
     b, ctx_dim = args.batch_size, SIZES[args.size]["context_dim"]
@@ -99,6 +120,8 @@ def serve(args: argparse.Namespace) -> None:
     t = torch.randint(0, 1000, (b,), generator=gen).to(device)
     context = torch.randn(b, CONTEXT_LEN, ctx_dim, generator=gen).to(device)
     target = torch.randn(b, 4, latent, latent, generator=gen).to(device)
+    if args.channels_last:  # ours converts its inputs in a pre-hook; diffusers' get them converted here
+        x, target = (v.contiguous(memory_format=torch.channels_last) for v in (x, target))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     def forward_backward() -> None:
@@ -122,6 +145,8 @@ def serve(args: argparse.Namespace) -> None:
     peak_mem = peak_memory_bytes(device, rss_before)
     with FlopCounterMode(display=False) as counter:  # after timing, so it cannot disturb it
         forward_backward()
+    if args.profile:
+        write_profile(step, sync, cuda, Path(args.profile_dir) / f"{args.only}.profile")
     params = sum(p.numel() for p in model.parameters())
     reply(json.dumps(dict(params=params, peak_mem=peak_mem, flops=counter.get_total_flops(),
                           threads=torch.get_num_threads())))  # fmt: skip
@@ -144,7 +169,7 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
         f"UNet training step (fwd + MSE + bwd + AdamW): size={args.size}, device={args.device}, "
         f"dtype={args.dtype}, batch={args.batch_size}, {args.resolution}px images = {latent}x{latent} "
         f"latents, context {CONTEXT_LEN}x{SIZES[args.size]['context_dim']}, median of {args.steps} "
-        f"steps after {args.warmup} warmup, torch threads={ours['threads']}"
+        f"steps after {args.warmup} warmup, torch threads={ours['threads']}, {describe_switches(args)}"
     )
     mem_kind = "CUDA max alloc MiB" if cuda else "peak RSS growth MiB"
     print(
@@ -180,7 +205,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU estimate")
+    add_switch_arguments(parser)
     parser.add_argument("--only", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--profile-dir", help=argparse.SUPPRESS)  # child process: where profiles go
     args = parser.parse_args()
     if args.resolution % LATENT_FACTOR:
         parser.error(f"--resolution {args.resolution} must be a multiple of {LATENT_FACTOR}")
@@ -189,7 +216,13 @@ def main() -> None:
         serve(args)
         return
 
-    report(args, run(args, sys.argv[1:]))
+    with tempfile.TemporaryDirectory(prefix="bench_unet_") as tmp:
+        results = run(args, [*sys.argv[1:], "--profile-dir", tmp])
+        report(args, results)
+        for name in results:
+            path = Path(tmp) / f"{name}.profile"
+            if path.is_file():
+                print(f"\n--- profile: {name}, 2 steps ---\n{path.read_text()}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ Peak memory, as `peak_memory_bytes` measures it:
   with a byte count of tensors.
 
 A benchmark script calls `serve_steps` in its child mode (`--only NAME`) and `run_children` in the parent.
+The speed switches (`add_switch_arguments`: --compile, --compile-mode, --channels-last, --adamw) apply to
+every model of a run alike (`apply_switches`, through `ldm.training.speed.prepare_for_speed`, the function
+training uses), so each comparison is ours vs diffusers with the same options.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+# torch AdamW implementations: `default` is torch's own choice (the per-tensor loop on CPU, foreach on CUDA)
+ADAMW = {"default": {}, "fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 PROTOCOL = "@bench "  # prefix of the lines a child sends back (libraries may print too)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -142,3 +149,51 @@ def run_children(
         result["cpu_s"] = statistics.median(cpu for _, cpu in timed)
         result["images_per_s"] = batch_size / result["step_s"]
     return results
+
+
+def add_switch_arguments(parser) -> None:
+    """--compile, --compile-mode, --channels-last, --adamw: the training speed switches, for every model."""
+    parser.add_argument("--compile", action="store_true", help="nn.Module.compile every model")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    parser.add_argument("--channels-last", action="store_true", help="every model and its inputs in NHWC")
+    parser.add_argument("--adamw", default="default", choices=sorted(ADAMW), help="AdamW implementation")
+    parser.add_argument("--profile", action="store_true", help="print each model's top operators")
+
+
+def apply_switches(model, args) -> None:
+    """The switches on one model, in place: what `model.compile` / `model.channels_last` do in training."""
+    from ldm.training.speed import prepare_for_speed
+
+    prepare_for_speed(
+        model, compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last
+    )
+
+
+def describe_switches(args) -> str:
+    compiled = f"compiled ({args.compile_mode})" if args.compile else "eager"
+    layout = "channels_last" if args.channels_last else "NCHW"
+    return f"{compiled}, {layout}, AdamW {args.adamw}"
+
+
+def write_profile(step: Callable[[], None], sync: Callable[[], None], cuda: bool, path: Path) -> None:
+    """Two profiled steps; the operators with the most self time, as a table in `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync()
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=40))
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one `fn()` as FlopCounterMode counts them: 2 per multiply-add of matmuls, convolutions and
+    attention, forward and (when fn calls backward) backward; elementwise ops, norms and bias adds are free.
+    E.g. Linear(64, 32) on an (8, 64) input that requires grad: 2*8*64*32 forward, 3x that with backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())

@@ -1,12 +1,15 @@
 """What `make demo` produced, measured from its own outputs: `outputs/demo_summary.{md,json}`.
 
-Per training stage (the run `outputs/<experiment>/latest` points at): steps, wall time (first to last line of
-its train.log), first/last logged training loss and the last validation metrics (its metrics.csv), and where
-the model is. For the txt2img samples (`outputs/samples/txt2img/run.json`): an automatic check of each image's
-background colour against the one its prompt names (the nearest of the data set's named colours to the mean
-of the image's 4-px border). The README's demo figures are copied from this file.
+`make demo` writes every stage of one chain into one folder (`outputs/demo/<stamp>/<stage>`). Per training
+stage: steps, wall time (first to last line of its train.log), first/last logged training loss and the last
+validation metrics (its metrics.csv), and where the model is. For the txt2img samples
+(`<demo>/samples/txt2img/run.json`): an automatic check of each image's background colour against the one its
+prompt names (the nearest of the data set's named colours to the mean of the image's 4-px border). For the
+superres model: PSNR/SSIM on validation images next to bicubic upscaling of the same low-res inputs
+(`ldm.evaluate.run.evaluate_superres`). The README's demo figures are copied from this file.
 
-    python data/demo_summary.py [--outputs outputs] [--out outputs/demo_summary]
+    python data/demo_summary.py --demo outputs/demo/latest [--out outputs/demo/latest/summary]
+        [--sr-reference 'data/shards/shapes/val-*.tar' --sr-limit 50]
 """
 
 from __future__ import annotations
@@ -91,7 +94,25 @@ def background_check(samples: Path) -> dict | None:
     return {"right": right, "of": len(checked), "images": checked}
 
 
-def summarise(outputs: Path) -> dict:
+def superres_check(model: Path, reference: str, limit: int, steps: int = 25) -> dict | None:
+    """PSNR/SSIM of the SR model and of bicubic upscaling on `limit` reference images (seed i per image)."""
+    if not model.is_file():
+        return None
+    from ldm.evaluate.run import evaluate_superres
+    from ldm.evaluate.sources import read_images
+
+    images = read_images(reference, limit=limit)
+    record = evaluate_superres(model, images, factor=4, device="cpu", steps=steps)
+    keep = ("psnr", "ssim")
+    return {
+        "n": record["reference"]["n"],
+        "steps": steps,
+        "model": {k: record["metrics"][k] for k in keep},
+        "bicubic": {k: record["bicubic"][k] for k in keep},
+    }
+
+
+def summarise(demo: Path, sr_reference: str | None = None, sr_limit: int = 50) -> dict:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -100,12 +121,16 @@ def summarise(outputs: Path) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "stages": {},
     }
+    summary["demo"] = str(demo.resolve())
     for name in STAGES:
-        run = outputs / name / "latest"
+        run = demo / name
         if run.exists():
             summary["stages"][name] = stage_summary(run)
-    summary["txt2img_background"] = background_check(outputs / "samples" / "txt2img")
-    summary["samples"] = sorted(str(p) for p in (outputs / "samples").glob("*") if p.is_dir())
+    summary["txt2img_background"] = background_check(demo / "samples" / "txt2img")
+    sr_model = demo / "superres" / "model.safetensors"
+    sr = superres_check(sr_model, sr_reference, sr_limit) if sr_reference else None
+    summary["superres_vs_bicubic"] = sr
+    summary["samples"] = sorted(str(p) for p in (demo / "samples").glob("*") if p.is_dir())
     return summary
 
 
@@ -128,17 +153,31 @@ def markdown(summary: dict) -> str:
             "",
             f"txt2img samples with the background colour their prompt names: {bg['right']}/{bg['of']}",
         ]
+    sr = summary.get("superres_vs_bicubic")
+    if sr:
+        m, b = sr["model"], sr["bicubic"]
+        lines += [
+            "",
+            f"superres x4 on {sr['n']} validation images ({sr['steps']} steps): PSNR {m['psnr']:.2f} dB, "
+            f"SSIM {m['ssim']:.3f}; bicubic upscaling of the same inputs: PSNR {b['psnr']:.2f} dB, "
+            f"SSIM {b['ssim']:.3f}",
+        ]
     lines += ["", "samples: " + ", ".join(summary["samples"])]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--outputs", default="outputs")
-    parser.add_argument("--out", default="outputs/demo_summary")
+    parser.add_argument("--demo", default="outputs/demo/latest", help="the folder of one make demo chain")
+    parser.add_argument("--out", default=None, help="summary.{md,json} path stem (default: <demo>/summary)")
+    parser.add_argument("--sr-reference", default=None, help="validation shards for the SR vs bicubic check")
+    parser.add_argument("--sr-limit", type=int, default=50, help="images in the SR check")
     args = parser.parse_args()
-    summary = summarise(Path(args.outputs))
-    out = Path(args.out)
+    demo = Path(args.demo)
+    if not demo.is_dir():
+        raise SystemExit(f"error: --demo {demo}: no such folder (make demo writes outputs/demo/<stamp>)")
+    summary = summarise(demo, args.sr_reference, args.sr_limit)
+    out = Path(args.out) if args.out else demo / "summary"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     text = markdown(summary)

@@ -37,6 +37,9 @@ TRAINER_PRECISIONS = (
 )  # fmt: skip
 SAMPLE_PRECISIONS = ("fp32", "bf16", "fp16")  # ldm.sampling.runner.PRECISIONS
 PARAMETERIZATIONS = ("eps", "v", "x0")
+# ldm.training.speed.COMPILE_MODES / COMPILE_BACKENDS (that module imports torch; this one must not)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # Task transforms that read data.keys "image": cached latents (data.latents=true) carry no image to give them.
 IMAGE_TASKS = (
     "ldm.data.masks.InpaintingMask",
@@ -195,6 +198,11 @@ def boolean(key: str, value: Any, cfg: DictConfig) -> str | None:
     return None if isinstance(value, bool) else f"must be true or false; e.g. {key}=true."
 
 
+def bool_or_auto(key: str, value: Any, cfg: DictConfig) -> str | None:
+    ok = isinstance(value, bool) or value == "auto"
+    return None if ok else f"must be true, false or auto (auto = on a CUDA GPU); e.g. {key}=auto."
+
+
 DIFFUSERS_FOLDER = "model_index.json"  # a diffusers pipeline folder loads where a checkpoint file does
 RUN_EXPORT = "model.safetensors"  # a train.py run folder loads as its export
 
@@ -333,6 +341,23 @@ def resolution(key: str, value: Any, cfg: DictConfig) -> str | None:
         example = max(scale, value // scale * scale)
         return (
             f"must be divisible by the super-resolution scale data.task.scale={scale}; e.g. {key}={example}."
+        )
+    return None
+
+
+def bucket_step(key: str, value: Any, cfg: DictConfig) -> str | None:
+    """Bucket sides (px) step by a multiple of f x the UNet's downsampling: every bucket's latent fits it."""
+    if not _is_whole(value) or value < 1:
+        return f"must be a positive whole number of pixels; e.g. {key}=64."
+    if _get(cfg, "data.latents") is True:  # the cached latents' shapes are fixed already
+        return None
+    found, mult = _first_stage_factor(cfg), _get(cfg, "model.unet.channel_mult")
+    f, unet = (found[0] if found else 1), 2 ** (len(mult) - 1) if isinstance(mult, Sequence) and mult else 1
+    need = f * unet
+    if value % need:
+        return (
+            f"must be a multiple of {need} (the autoencoder's f={f} x the UNet's {unet}x downsampling), "
+            f"or some buckets give latents the UNet cannot halve; e.g. {key}={max(1, value // need) * need}."
         )
     return None
 
@@ -524,12 +549,26 @@ TRAIN_CHECKS: list[Check] = [
     Check("data.shuffle_buffer", whole(0, "samples shuffled in memory per worker; 0 = off", 1000)),
     Check("data.epoch_length", whole(1, "samples per rank per epoch; null = one pass", 10000, nullable=True)),
     Check("data.timeout", number(0, low_open=True, what="seconds per batch", example=300)),
+    Check("data.prefetch_factor", whole(1, "batches each loader worker prepares ahead", 2)),
+    Check("data.persistent_workers", boolean),
+    Check("data.uint8_transfer", bool_or_auto),
+    Check("data.pin_memory", bool_or_auto),
     Check("data.num_classes", whole(2, "segmap classes including background", 6, nullable=True)),
     Check("data.resolution", resolution),
     Check("data.latents", boolean),
     Check("data.flip", flip_with_latents),
     Check("data.crop", crop_with_latents),
     Check("data.task", task_with_latents),
+    Check("data.buckets.enabled", boolean),
+    Check("data.buckets.step", bucket_step),
+    Check(
+        "data.buckets.max_area", whole(1, "px^2 of a bucket; null = data.resolution^2", 65536, nullable=True)
+    ),
+    Check("data.buckets.min_side", whole(1, "px; null = data.buckets.step", 128, nullable=True)),
+    Check(
+        "data.buckets.max_side", whole(1, "px; null = bounded by max_area and max_ratio", 512, nullable=True)
+    ),
+    Check("data.buckets.max_ratio", number(1, what="longest over shortest bucket side", example=2.0)),
     # trainer
     Check("trainer.max_steps", max_steps),
     Check("trainer.precision", one_of(TRAINER_PRECISIONS, "bf16-mixed on Ampere+ GPUs")),
@@ -546,6 +585,16 @@ TRAIN_CHECKS: list[Check] = [
     Check("model.loss.parameterization", parameterization),
     Check("model.loss.schedule.zero_terminal_snr", boolean),
     Check("model.preview_steps", whole(1, "sampler steps of the preview grids", 25)),
+    # speed switches (ldm/training/speed.py), stage 1 and stage 2
+    Check("model.compile", boolean),
+    Check("model.compile_mode", one_of(COMPILE_MODES, "torch.compile modes")),
+    Check("model.compile_backend", one_of(COMPILE_BACKENDS, "torch.compile backends")),
+    Check("model.channels_last", boolean),
+    # AdamW's fused kernel (ldm.training.optim.adamw): null = wherever torch has one, true = demanded
+    *(
+        Check(key, lambda key, value, cfg: None if value is None else boolean(key, value, cfg))
+        for key in ("model.optim.fused", "model.optim.optimizer.fused")
+    ),
     Check("callbacks.image_logger.every_n_steps", whole(0, "0 = no sample grids", 250)),
     Check("callbacks.sample_metrics.every_n_steps", whole(0, "0 = off", 250)),
     Check("callbacks.sample_metrics.num_images", whole(2, "FID/KID need at least 2", 16)),

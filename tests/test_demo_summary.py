@@ -26,9 +26,8 @@ def _module():
 
 def test_summary_reads_steps_time_losses_and_checks_backgrounds(tmp_path):
     ds = _module()
-    run = tmp_path / "txt2img" / "2026-01-01_00-00-00"
+    run = tmp_path / "txt2img"  # make demo: <demo folder>/<stage>, the exact run (no `latest` link)
     run.mkdir(parents=True)
-    (tmp_path / "txt2img" / "latest").symlink_to(run.name)
     (run / "metrics.csv").write_text(
         "step,train/loss,val/loss\n9,0.30,\n19,0.20,0.25\n1199,0.02,\n1199,,0.03\n"
     )
@@ -54,3 +53,34 @@ def test_summary_reads_steps_time_losses_and_checks_backgrounds(tmp_path):
     assert (bg["right"], bg["of"]) == (1, 2) and bg["images"][1]["seen"] == "green"
     text = ds.markdown(summary)
     assert "| txt2img | 1200 | 4 min 59 s | 0.300 → 0.020 | val/loss 0.03 |" in text and "1/2" in text
+
+
+def test_summary_puts_superres_next_to_bicubic(tmp_path, monkeypatch):
+    """The SR check reads the demo's superres model on the validation shards and reports both PSNRs."""
+    from ldm.evaluate import run, sources
+
+    ds = _module()
+    (tmp_path / "superres").mkdir()
+    (tmp_path / "superres" / "model.safetensors").write_bytes(b"")
+    seen = {}
+
+    def fake_evaluate(model, reference, factor, device, steps):
+        seen.update(model=model, n=reference, factor=factor, steps=steps)
+        return {
+            "reference": {"n": 50},
+            "metrics": {"psnr": 14.391, "ssim": 0.6201, "rfid": 1.0},
+            "bicubic": {"psnr": 29.402, "ssim": 0.9311, "rfid": 0.5},
+        }
+
+    monkeypatch.setattr(run, "evaluate_superres", fake_evaluate)
+    monkeypatch.setattr(sources, "read_images", lambda spec, limit: f"{spec}:{limit}")
+    summary = ds.summarise(tmp_path, sr_reference="val-*.tar", sr_limit=50)
+    assert seen == {"model": tmp_path / "superres" / "model.safetensors", "n": "val-*.tar:50", "factor": 4,
+                    "steps": 25}  # fmt: skip
+    sr = summary["superres_vs_bicubic"]
+    assert sr["model"] == {"psnr": 14.391, "ssim": 0.6201}
+    assert sr["bicubic"] == {"psnr": 29.402, "ssim": 0.9311}
+    text = ds.markdown(summary)
+    want = "PSNR 14.39 dB, SSIM 0.620; bicubic upscaling of the same inputs: PSNR 29.40 dB, SSIM 0.931"
+    assert want in text
+    assert ds.summarise(tmp_path)["superres_vs_bicubic"] is None  # no --sr-reference: not measured

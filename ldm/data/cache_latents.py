@@ -14,8 +14,11 @@ Each output sample keeps the input's key and its caption/label/metadata members,
 *unscaled* latents: `latent_mean` + `latent_logvar` (mode dist, KL autoencoders: stage 2 draws a fresh
 posterior sample every step) or `latent` (mode sample, or a VQ model's pre-quantisation latent), as
 `.npy` (float16/float32) or `.pth` tensors (bfloat16, read back with weights_only=True). A segmap is
-stored centre-cropped like the image. `manifest.json` records the autoencoder's identity
-(`ldm.models.first_stage.weights_identity`), its config, and the latents' std; stage 2 calls
+stored centre-cropped like the image. With --buckets (aspect-ratio buckets, ldm.data.buckets) each image is
+centre-cropped to its own bucket instead of a square, so latents differ in shape from sample to sample; train
+on them with `data.buckets.enabled=true` (batches then group by latent shape). `manifest.json` records the
+autoencoder's identity (`ldm.models.first_stage.weights_identity`), its config, and the latents' std
+(`latent_shapes` counts each shape); stage 2 calls
 `check_latent_manifest` and refuses a cache made by another autoencoder.
 """
 
@@ -202,6 +205,7 @@ def cache_latents(
     base_model: str | None = None,  # fine-tuning: this file's autoencoder (and text encoder) instead of ckpt
     base_config: str | None = None,  # its original inference yaml (default: recognised from its keys)
     base_tokenizer: str | None = None,  # CLIP tokenizer folder of an SD 1.x base_model
+    buckets: dict | None = None,  # data.buckets options (enabled: true, step, max_area, ...): one bucket each
 ) -> dict:
     """Encode `shards` into `out/{prefix}-%06d.tar`; returns the manifest (also out/manifest.json).
 
@@ -235,10 +239,9 @@ def cache_latents(
     urls = expand_shards(shards, "shards")
     out.mkdir(parents=True, exist_ok=True)
     manifest = _start_manifest(out, identity, prefix)
-    opts = PipelineOptions(resolution=resolution, crop="center", flip=False, keys=("image", "segmap"))
     probe = next(iter(wds.DataPipeline(wds.SimpleShardList(urls[:1]), tarfile_to_samples())), {})
-    if opts.segmap_key not in probe:
-        opts = PipelineOptions(resolution=resolution, crop="center", flip=False, keys=("image",))
+    keys = ("image", "segmap") if PipelineOptions.segmap_key in probe else ("image",)
+    opts = PipelineOptions(resolution=resolution, crop="center", flip=False, keys=keys, buckets=buckets)
     carry = ("txt", "cls", "json", opts.segmap_key)
     loader = torch.utils.data.DataLoader(
         _Source(urls, opts, carry),
@@ -253,7 +256,7 @@ def cache_latents(
     counts: dict[str, int] = {}
     stats, skipped, keys = _Stats(), [], set()
     pending: list[dict] = []
-    shape: list[int] = []
+    shapes: dict[str, int] = {}  # "CxHxW" -> latents of that shape
 
     def flush() -> None:
         x = torch.stack([s["image"] for s in pending]).to(device)
@@ -276,7 +279,8 @@ def cache_latents(
                 for s in pending
             ]
             emb = text.encode_prompts(captions)
-        shape[:] = list(next(iter(tensors.values())).shape[1:])
+        shape = "x".join(str(n) for n in next(iter(tensors.values())).shape[1:])
+        shapes[shape] = shapes.get(shape, 0) + len(pending)
         for i, s in enumerate(pending):
             sample = {"__key__": s["__key__"], **s["members"]}
             for name, t in tensors.items():
@@ -290,15 +294,21 @@ def cache_latents(
             keys.update(k for k in sample if not k.startswith("__"))
         pending.clear()
 
+    waiting: dict[tuple, list[dict]] = {}  # one batch per image shape (buckets); one shape without
     for item in tqdm(loader, desc="cache_latents", unit="img"):
         if "__skipped__" in item:
             skipped.append(item["__skipped__"])
             continue
-        pending.append(item)
-        if len(pending) == batch_size:
+        group = waiting.setdefault(tuple(item["image"].shape), [])
+        group.append(item)
+        if len(group) == batch_size:
+            pending[:] = group
+            group.clear()
             flush()
-    if pending:
-        flush()
+    for key in sorted(waiting):
+        if waiting[key]:
+            pending[:] = waiting[key]
+            flush()
     writer.close()
     if not counts:
         raise UserError(f"cache_latents: no image could be read from {len(urls)} shard(s) ({urls[0]}, ...)")
@@ -315,7 +325,9 @@ def cache_latents(
         mode=mode if is_kl else "sample",
         dtype=dtype,
         resolution=resolution,
-        latent_shape=shape,
+        latent_shape=[int(n) for n in max(shapes, key=shapes.get).split("x")] if shapes else [],
+        latent_shapes=shapes,  # several with buckets
+        buckets=None if opts.buckets is None else dict(vars(opts.buckets)),
         autoencoder=dict(
             identity=identity,
             path=str(ckpt),
@@ -380,7 +392,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--text-max-length", type=int, default=77, help="tokens per caption for --text-encoder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--buckets", action="store_true", help="aspect-ratio buckets: crop each image to its own bucket"
+    )
+    p.add_argument("--bucket-step", type=int, default=64, help="px; bucket sides are multiples of this")
+    p.add_argument("--bucket-max-area", type=int, default=None, help="px^2; default: resolution^2")
+    p.add_argument("--bucket-max-ratio", type=float, default=2.0, help="longest / shortest bucket side")
     a = p.parse_args(argv)
+    buckets = None
+    if a.buckets:
+        buckets = dict(
+            enabled=True, step=a.bucket_step, max_area=a.bucket_max_area, max_ratio=a.bucket_max_ratio
+        )
     shards = a.shards[0] if len(a.shards) == 1 else a.shards
     try:
         m = cache_latents(
@@ -400,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             base_model=a.base_model,
             base_config=a.base_config,
             base_tokenizer=a.base_tokenizer,
+            buckets=buckets,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import multiprocessing as mp
 import warnings
@@ -12,7 +13,7 @@ from numbers import Integral
 import pytorch_lightning as pl
 import webdataset as wds
 
-from ldm.data.loader import ResumableLoader, default_pin_memory
+from ldm.data.loader import ResumableLoader, default_pin_memory, resolve_uint8_transfer
 from ldm.data.pipeline import MissingFieldError, PipelineOptions, ShardStream, decode_sample, image_to_float
 from ldm.data.shards import check_split, expand_shards, is_local, shard_counts, tarfile_to_samples, world_info
 from ldm.data.transforms import Compose
@@ -83,8 +84,10 @@ class ShardDataModule(pl.LightningDataModule):
     """Train/val batches from WebDataset shards, per the shared batch contract; resumable mid-epoch.
 
     Loader settings are arguments; decoding/augmentation options (resolution, crop, flip, keys,
-    caption_key, label_key, segmap_key, image_key, num_classes, latents, shuffle_buffer) go to
+    caption_key, label_key, segmap_key, image_key, num_classes, latents, shuffle_buffer, buckets) go to
     `PipelineOptions` through **options, so Hydra configs stay flat (`data.resolution=128`).
+    `buckets` (a mapping, `data.buckets.enabled=true`): aspect-ratio buckets, see ldm.data.buckets; train
+    and val batches then hold one bucket's shape each and resume exactly as without.
     """
 
     def __init__(
@@ -99,6 +102,9 @@ class ShardDataModule(pl.LightningDataModule):
         epoch_length: int | None = None,  # samples per rank per epoch; equal batch counts on all ranks
         val_batch_size: int | None = None,  # default: batch_size
         timeout: float = 300.0,  # seconds a loader worker may take for one batch before we error out
+        persistent_workers: bool = True,  # keep loader workers between epochs (no fork, import per epoch)
+        prefetch_factor: int = 2,  # batches each worker prepares ahead
+        pin_memory: bool | str = "auto",  # page-locked batches for fast host-to-GPU copies; auto = with CUDA
         **options,
     ) -> None:
         super().__init__()
@@ -110,6 +116,8 @@ class ShardDataModule(pl.LightningDataModule):
             )
         if options.get("keys") is not None:
             options["keys"] = list(options["keys"])
+        options.setdefault("uint8_transfer", "auto")  # uint8 hand-over when training on a CUDA GPU
+        resolve_uint8_transfer(options["uint8_transfer"], None)  # a bad value fails here, before any work
         self.options = PipelineOptions(**options)
         self.train_spec, self.val_spec = train_shards, val_shards
         self.batch_size = _whole("batch_size", batch_size, 1)
@@ -117,6 +125,13 @@ class ShardDataModule(pl.LightningDataModule):
         self.val_batch_size = _whole("val_batch_size", val_batch_size or batch_size, 1)
         self.seed, self.resampled, self.timeout = _whole("seed", seed), bool(resampled), float(timeout)
         self.epoch_length = _whole("epoch_length", epoch_length, 1) if epoch_length else None
+        self.persistent_workers = bool(persistent_workers)
+        self.prefetch_factor = _whole("prefetch_factor", prefetch_factor, 1)
+        if not (isinstance(pin_memory, bool) or pin_memory == "auto"):
+            raise UserError(
+                f"data.pin_memory={pin_memory!r}: use true, false or auto (auto = when CUDA is present)"
+            )
+        self.pin_memory = default_pin_memory() if pin_memory == "auto" else pin_memory
         if self.timeout <= 0:
             raise UserError(f"data.timeout={timeout}: must be > 0 seconds per batch; e.g. data.timeout=300.")
         if self.resampled and not self.epoch_length:
@@ -169,12 +184,32 @@ class ShardDataModule(pl.LightningDataModule):
     def _trainer_or_none(self):
         return getattr(self, "trainer", None)
 
+    def _stream_options(self) -> PipelineOptions:
+        """The options with `uint8_transfer` resolved for where the trainer puts batches (auto: CUDA)."""
+        trainer = self._trainer_or_none()
+        device = None if trainer is None else trainer.strategy.root_device
+        opts = copy.copy(self.options)
+        opts.uint8_transfer = resolve_uint8_transfer(self.options.uint8_transfer, device)
+        return opts
+
+    def _loader(self, stream: ShardStream, epoch_fn, name: str) -> ResumableLoader:
+        return ResumableLoader(
+            stream,
+            self.num_workers,
+            self.timeout,
+            epoch_fn,
+            self.pin_memory,
+            self.prefetch_factor,
+            name=name,
+            persistent_workers=self.persistent_workers,
+        )
+
     def train_dataloader(self) -> ResumableLoader:
         if self.train_urls is None:
             self.setup("fit")
         stream = ShardStream(
             self.train_urls,
-            self.options,
+            self._stream_options(),
             self.batch_size,
             train=True,
             seed=self.seed,
@@ -183,9 +218,7 @@ class ShardDataModule(pl.LightningDataModule):
             task=self.task,
             skipped=self._skipped,
         )
-        loader = ResumableLoader(
-            stream, self.num_workers, self.timeout, self._current_epoch, default_pin_memory()
-        )
+        loader = self._loader(stream, self._current_epoch, "train_shards")
         if self._pending is not None:
             loader.load_state(self._pending)
             self._pending = None
@@ -198,11 +231,14 @@ class ShardDataModule(pl.LightningDataModule):
         if not self.val_urls:
             return []  # Lightning skips validation
         stream = ShardStream(
-            self.val_urls, self.options, self.val_batch_size, train=False, seed=self.seed, task=self.task
+            self.val_urls,
+            self._stream_options(),
+            self.val_batch_size,
+            train=False,
+            seed=self.seed,
+            task=self.task,
         )
-        return ResumableLoader(
-            stream, self.num_workers, self.timeout, None, default_pin_memory(), name="val_shards"
-        )
+        return self._loader(stream, None, "val_shards")
 
     def check_autoencoder(self, identity: str) -> list[dict]:
         """Latent mode: refuse caches made by another autoencoder (UserError); returns their manifests.

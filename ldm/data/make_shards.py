@@ -14,6 +14,11 @@ before --resize, so written shards are upright and carry no orientation tag), tr
 onto white when re-encoded. Bytes kept as they are (no --resize/--format) keep their EXIF tag and
 alpha, which the training decoder applies the same way. Captions, labels and listings are read by
 `ldm.data.text` (UTF-8, else cp1252 with a warning) and written as UTF-8.
+
+Each sample's `json` member records `image_size` (the written image, upright) and `original_size` (the
+source file, upright, before --resize) as [width, height]: aspect-ratio buckets (`data.buckets`) read the
+first to decode a JPEG at just the size its bucket needs. Shards without it still work (sizes then come
+from the image itself).
 """
 
 from __future__ import annotations
@@ -96,8 +101,11 @@ class EncodeOptions:
     min_size: int = 0  # shortest side below this (and always below MIN_IMAGE_SIDE): skipped
 
 
-def encode(item: Item, opts: EncodeOptions) -> tuple[str, bytes] | str:
-    """(extension, image bytes) for a usable image, else the reason it is skipped."""
+def encode(item: Item, opts: EncodeOptions) -> tuple[str, bytes, dict] | str:
+    """(extension, image bytes, sizes) for a usable image, else the reason it is skipped.
+
+    sizes: {"image_size": [w, h] of the written image, "original_size": [w, h] of the source file}, both
+    upright (after the EXIF orientation), in pixels; aspect-ratio buckets (ldm.data.buckets) read them."""
     try:
         with open(item.path, "rb") as f:
             data = f.read()
@@ -110,8 +118,9 @@ def encode(item: Item, opts: EncodeOptions) -> tuple[str, bytes] | str:
     if min(opened.size) < min_size:
         return f"too small ({opened.size[0]}x{opened.size[1]} < {min_size})"
     shrink = opts.resize is not None and min(opened.size) > opts.resize
+    original = list(opened.size)
     if not shrink and opts.format is None and opened.format in KEEP_AS_IS:
-        return KEEP_AS_IS[opened.format], data
+        return KEEP_AS_IS[opened.format], data, {"image_size": original, "original_size": original}
     ext = opts.format or KEEP_AS_IS.get(opened.format or "", "png")
     img = to_rgb(opened.image)  # as training reads it: upright, transparency on white
     if shrink:
@@ -124,10 +133,10 @@ def encode(item: Item, opts: EncodeOptions) -> tuple[str, bytes] | str:
     if ext == "webp" and opts.quality >= 100:
         kwargs = {"lossless": True}
     img.save(buf, format=SAVE_FORMAT[ext], **kwargs)
-    return ext, buf.getvalue()
+    return ext, buf.getvalue(), {"image_size": list(img.size), "original_size": original}
 
 
-def _encode_star(args: tuple[Item, EncodeOptions]) -> tuple[str, bytes] | str:
+def _encode_star(args: tuple[Item, EncodeOptions]) -> tuple[str, bytes, dict] | str:
     return encode(*args)
 
 
@@ -207,9 +216,9 @@ def make_shards(
             if isinstance(result, str):
                 skipped.append((item.path, result))
                 continue
-            ext, data = result
+            ext, data, sizes = result
             sample = {"__key__": f"{written:09d}", ext: data}
-            meta: dict = {"path": os.path.relpath(item.path, src if src.is_dir() else src.parent)}
+            meta: dict = {"path": os.path.relpath(item.path, src if src.is_dir() else src.parent), **sizes}
             if item.caption not in (None, ""):
                 sample["txt"] = meta["caption"] = str(item.caption)
             if labels is not None and item.label not in (None, ""):

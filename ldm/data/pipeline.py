@@ -2,8 +2,9 @@
 
 Each (rank, worker) reads its own slice of the shard list and batches inside the worker, so a batch is
 a deterministic function of (seed, epoch, rank, worker, position). Every batch carries private
-bookkeeping (`__worker__`, `__consumed__`, `__emitted__`) that `ResumableLoader` strips and keeps to
-resume mid-epoch without decoding the samples it skips.
+bookkeeping (`__worker__`, `__consumed__`, `__emitted__`, with buckets `__buckets__`) that `ResumableLoader`
+strips and keeps to resume mid-epoch without decoding the samples it skips. Aspect-ratio buckets
+(`data.buckets`, ldm.data.buckets) crop each image to its bucket and batch one bucket at a time.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import random
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
+from ldm.data.buckets import BucketOptions, BucketSet, bucketed_batches, peek_bucket, recorded_size
 from ldm.data.images import ImageDecodeError, decode_segmap, open_image, to_rgb
 from ldm.data.shards import ShardReadError, mix_seed, split_by_rank, split_by_worker, tarfile_to_samples
 from ldm.data.text import decode_text
@@ -69,10 +72,15 @@ class PipelineOptions:
     # Ship "image" as uint8 (B,3,H,W) and let ShardDataModule.on_after_batch_transfer make it float on
     # the device: 4x less shared memory and host-to-GPU traffic. Only for training through Lightning
     # (a bare DataLoader then yields uint8); ignored when a task transform needs float images.
-    uint8_transfer: bool = False
+    # ShardDataModule resolves "auto" (its default) to true when the trainer's device is a CUDA GPU.
+    uint8_transfer: bool | str = False
+    # Aspect-ratio buckets (ldm.data.buckets): a `data.buckets` mapping; off (null / enabled: false) = the
+    # square crops above. With latents=true, batches group by the cached latents' shape.
+    buckets: Any = None
 
     def __post_init__(self) -> None:
         self.keys = tuple(self.keys)
+        self.buckets = BucketOptions.from_config(self.buckets)  # None when off
         unknown = [k for k in self.keys if k not in FIELDS]
         if unknown:
             raise UserError(f"data.keys has {unknown}; choose from {list(FIELDS)}")
@@ -80,6 +88,9 @@ class PipelineOptions:
             raise UserError(f"data.crop={self.crop!r}: use 'random' or 'center'")
         if self.resolution <= 0:
             raise UserError(f"data.resolution={self.resolution}: must be a positive number of pixels")
+        self.bucket_set = (
+            None if not self.buckets or self.latents else BucketSet(self.buckets, self.resolution)
+        )
 
 
 def _members(raw: dict) -> str:
@@ -135,9 +146,10 @@ def decode_sample(
     """Raw tar members -> contract fields of one sample: image (3,R,R) in [-1,1], segmap (R,R) int64, ...
 
     `uint8=True` leaves "image" as the (R,R,3) uint8 array; `collate` converts a whole batch in one pass.
+    With buckets (`opts.bucket_set`) the image is (3,h,w) for its bucket (w, h), also kept in "__bucket__".
     """
     out: dict = {"__key__": raw.get("__key__"), "__url__": raw.get("__url__")}
-    box, source_size = None, None
+    box, source_size, size, buckets = None, None, opts.resolution, opts.bucket_set
     if opts.latents:
         for name in LATENT_FIELDS:
             tensor = read_tensor(raw, name)
@@ -147,22 +159,38 @@ def decode_sample(
             raise MissingFieldError(
                 f"{_where(raw)} has no latent_mean or latent .npy/.pth (members: {_members(raw)})"
             )
+        if opts.buckets is not None:  # batches group by the cached latents' (width, height)
+            latent = out.get("latent_mean", out.get("latent"))
+            out["__bucket__"] = (int(latent.shape[-1]), int(latent.shape[-2]))
     elif "image" in opts.keys:
         member = opts.image_key or next((m for m in IMAGE_MEMBERS if m in raw), None)
         if member is None or member not in raw:
             want = opts.image_key or "/".join(IMAGE_MEMBERS)
             raise MissingFieldError(f"{_where(raw)} has no image member {want!r} (members: {_members(raw)})")
+        recorded, draft = None, opts.resolution
+        if buckets is not None:  # the size make_shards recorded gives the exact draft; else the largest
+            recorded = recorded_size(raw)
+            draft = buckets.draft(*recorded) if recorded else buckets.max_side
+        name = f"{member} of {_where(raw)}"
         try:  # upright (EXIF), transparency on white, >= MIN_IMAGE_SIDE px: see ldm.data.images
-            opened = open_image(raw[member], f"{member} of {_where(raw)}", draft=opts.resolution)
+            opened = open_image(raw[member], name, draft=draft)
+            if recorded is not None and opened.size != recorded:  # a wrong record: size the draft safely
+                opened = open_image(raw[member], name, draft=buckets.max_side)
         except ImageDecodeError as e:
             raise SampleError(str(e)) from None
         img, source_size = to_rgb(opened.image), opened.size
-        box = choose_crop(*source_size, opts.crop if train else "center", opts.flip and train, rng)
+        if buckets is None:
+            box = choose_crop(*source_size, opts.crop if train else "center", opts.flip and train, rng)
+        else:
+            box, size = buckets.crop(*source_size, opts.crop if train else "center", opts.flip and train, rng)
+            out["__bucket__"] = size
         scale = (img.size[0] / source_size[0], img.size[1] / source_size[1])  # per side: drafts round each
-        img = crop_resize(img, box, opts.resolution, Image.Resampling.BICUBIC, scale)
+        img = crop_resize(img, box, size, Image.Resampling.BICUBIC, scale)
         out["image"] = np.asarray(img) if uint8 else to_tensor(img)
     if "segmap" in opts.keys:
-        out["segmap"] = _decode_segmap(raw, opts, box, source_size, train, rng)
+        out["segmap"] = _decode_segmap(raw, opts, box, source_size, size, train, rng)
+        if buckets is not None and "__bucket__" not in out:  # a map without an image: its own bucket
+            out["__bucket__"] = (int(out["segmap"].shape[-1]), int(out["segmap"].shape[-2]))
     if "caption" in opts.keys:
         value = read_field(raw, opts.caption_key, "caption")
         if isinstance(value, bytes):  # UTF-8, else cp1252 with one warning per shard (ldm.data.text)
@@ -189,15 +217,20 @@ def _cause(exn: BaseException, raw: dict | None) -> str:
     return f"{type(exn).__name__}: " + re.sub(r"\d+", "#", text).strip()[:160]
 
 
-def _decode_segmap(raw: dict, opts: PipelineOptions, box, source_size, train: bool, rng) -> torch.Tensor:
+def _decode_segmap(
+    raw: dict, opts: PipelineOptions, box, source_size, size, train: bool, rng
+) -> torch.Tensor:
     try:  # class ids as stored (palette indices, grey values), upright: see ldm.data.images
         ids = decode_segmap(read_field(raw, opts.segmap_key, "segmap"), f"segmap of {_where(raw)}")
     except ImageDecodeError as e:
         raise SampleError(str(e)) from None
     seg = Image.fromarray(ids.astype(np.int32), "I")
     if box is None and not opts.latents:  # no image loaded: crop the map on its own
-        source_size = seg.size
-        box = choose_crop(*seg.size, opts.crop if train else "center", opts.flip and train, rng)
+        source_size, crop, flip = seg.size, opts.crop if train else "center", opts.flip and train
+        if opts.bucket_set is None:
+            box = choose_crop(*seg.size, crop, flip, rng)
+        else:
+            box, size = opts.bucket_set.crop(*seg.size, crop, flip, rng)
     if box is not None:  # same crop and flip as the image, nearest-neighbour so ids stay ids
         (w, h), (iw, ih) = seg.size, source_size
         if abs(h * iw - w * ih) > max(iw, ih):  # not the image's shape at another scale
@@ -205,7 +238,7 @@ def _decode_segmap(raw: dict, opts: PipelineOptions, box, source_size, train: bo
                 f"{_where(raw)}: segmap is {w}x{h} but the image is {iw}x{ih} (upright, after its EXIF "
                 "orientation); save the map with the image's shape"
             )
-        seg = crop_resize(seg, box, opts.resolution, Image.Resampling.NEAREST, (w / iw, h / ih))
+        seg = crop_resize(seg, box, size, Image.Resampling.NEAREST, (w / iw, h / ih))
     arr = np.asarray(seg).astype(np.int64)
     if opts.num_classes is not None and arr.max(initial=0) >= opts.num_classes:
         raise SampleError(
@@ -214,51 +247,60 @@ def _decode_segmap(raw: dict, opts: PipelineOptions, box, source_size, train: bo
     return torch.from_numpy(arr)
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, buffers=None) -> torch.Tensor:
     """An output buffer; inside a loader worker in shared memory (as torch's default_collate does), so
-    handing the batch to the main process costs no second copy."""
+    handing the batch to the main process costs no second copy. `buffers` (`ldm.data.loader.SharedBuffers`,
+    set by the loader): reuse a buffer the main process has released instead of faulting in fresh pages."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+    storage = torch.UntypedStorage._new_shared(nbytes) if buffers is None else buffers.storage(nbytes)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
-def _stack(values: list[torch.Tensor]) -> torch.Tensor:
-    out = _empty((len(values), *values[0].shape), values[0].dtype)
+def _stack(values: list[torch.Tensor], buffers=None) -> torch.Tensor:
+    out = _empty((len(values), *values[0].shape), values[0].dtype, buffers)
     # np.stack is a plain memcpy; torch.stack crawled with busy intra-op threads (see to_tensor)
     np.stack([v.numpy() for v in values], out=out.numpy())
     return out
 
 
-def _images(values: list[np.ndarray], uint8: bool) -> torch.Tensor:
-    """(H,W,3) uint8 arrays -> (B,3,H,W): float32 in [-1,1] (or uint8), written once into the output."""
+def _images(values: list[np.ndarray], uint8: bool, buffers=None) -> torch.Tensor:
+    """(H,W,3) uint8 arrays -> (B,3,H,W): float32 in [-1,1], or uint8 as a channels-last view.
+
+    uint8: one memcpy per image into a (B,H,W,3) buffer, returned as its (B,3,H,W) permuted view (a
+    transposing copy here cost ~4x the memcpy); `image_to_float` makes it contiguous on the device.
+    """
     h, w, _ = values[0].shape
-    out = _empty((len(values), 3, h, w), torch.uint8 if uint8 else torch.float32)
+    if uint8:
+        out = _empty((len(values), h, w, 3), torch.uint8, buffers)
+        np.stack(values, out=out.numpy())
+        return out.permute(0, 3, 1, 2)
+    out = _empty((len(values), 3, h, w), torch.float32, buffers)
     dst = out.numpy()
     for b, x in enumerate(values):
-        if uint8:
-            dst[b] = x.transpose(2, 0, 1)
-        else:
-            for c in range(3):
-                np.multiply(x[:, :, c], np.float32(1 / 127.5), out=dst[b, c], casting="unsafe")
-    if not uint8:
-        dst -= np.float32(1.0)
+        for c in range(3):
+            np.multiply(x[:, :, c], np.float32(1 / 127.5), out=dst[b, c], casting="unsafe")
+    dst -= np.float32(1.0)
     return out
 
 
 def image_to_float(image: torch.Tensor) -> torch.Tensor:
-    """uint8 (B,3,H,W) -> float32 in [-1,1] (the contract), on whatever device the batch is."""
+    """uint8 (B,3,H,W) of any strides -> contiguous float32 in [-1,1] (the contract), on the batch's device.
+
+    The same float32 arithmetic as `collate`'s float path (x * float32(1/127.5) - 1): bit-identical.
+    """
     if image.dtype != torch.uint8:
         return image
     if image.device.type == "cpu":  # numpy: single-threaded and predictable in a busy main process
-        out = image.numpy().astype(np.float32)
-        out *= np.float32(1 / 127.5)
+        out = np.empty(tuple(image.shape), np.float32)
+        np.multiply(image.numpy(), np.float32(1 / 127.5), out=out, casting="unsafe")
         out -= np.float32(1.0)
         return torch.from_numpy(out)
-    return image.float().mul_(1 / 127.5).sub_(1.0)
+    return image.contiguous().float().mul_(1 / 127.5).sub_(1.0)
 
 
-def collate(samples: list[dict], uint8_images: bool = False) -> dict:
+def collate(samples: list[dict], uint8_images: bool = False, buffers=None) -> dict:
     """Stack tensors, turn ints into int64 tensors and keep strings as lists; drop `__` keys."""
     batch: dict = {}
     for key in samples[0]:
@@ -266,9 +308,9 @@ def collate(samples: list[dict], uint8_images: bool = False) -> dict:
             continue
         values = [s[key] for s in samples]
         if isinstance(values[0], np.ndarray) and values[0].dtype == np.uint8 and key == "image":
-            batch[key] = _images(values, uint8_images)
+            batch[key] = _images(values, uint8_images, buffers)
         elif isinstance(values[0], torch.Tensor):
-            batch[key] = _stack(values)
+            batch[key] = _stack(values, buffers)
         elif isinstance(values[0], (bool, int, np.integer)):
             batch[key] = torch.tensor(values, dtype=torch.int64)
         elif isinstance(values[0], float):
@@ -319,7 +361,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.skipped = skipped  # multiprocessing.Value shared with the workers (or None)
         self.epoch, self.rank, self.world_size = 0, 0, 1  # set by the loader before each epoch
         self.rotation = 0  # physical worker p plays logical worker (p + rotation) % num_workers
-        self.resume: dict[int, tuple[int, int]] = {}  # logical worker -> (raw consumed, emitted)
+        self.resume: dict[int, tuple] = {}  # logical worker -> (raw consumed, emitted[, bucket buffers])
+        self.buffers = None  # in loader workers: ldm.data.loader.SharedBuffers for the batch tensors
         self._errors_in_a_row = 0
         self._bad_shards: list[str] = []  # truncated/corrupt shards not yet reported in a batch
         self._read = 0  # samples this worker tried to decode, and how many of them were skipped, by cause
@@ -421,30 +464,32 @@ class ShardStream(torch.utils.data.IterableDataset):
     # --- the stream -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = self._worker()
-        consumed, emitted = self.resume.get(worker, (0, 0))
+        start = self.resume.get(worker)
         quota = share(self.epoch_length, num_workers, worker) if self.epoch_length else None
+        if self.opts.buckets is not None:  # per-bucket buffers: ldm.data.buckets
+            batches = bucketed_batches(
+                lambda first: itertools.islice(enumerate(self.raw_samples(worker, num_workers)), first, None),
+                lambda raw, position: self._decode(raw, worker, position),
+                lambda raw: peek_bucket(raw, self.opts),
+                self.batch_size,
+                quota,
+                start,
+            )
+            for samples, (consumed, emitted, extra) in batches:
+                yield self._finish(samples, worker, consumed, emitted, extra)
+            return
+        consumed, emitted = start[:2] if start else (0, 0)
         if quota is not None and emitted >= quota:
             return
         raw_stream = self.raw_samples(worker, num_workers)
         if consumed:
             raw_stream = itertools.islice(raw_stream, consumed, None)  # skipped undecoded: cheap
-        epoch = self.epoch if self.train else -1  # validation draws the same masks every epoch
         batch: list[dict] = []
         for raw in raw_stream:
-            rng = np.random.default_rng([self.seed, epoch + 1, self.rank, worker, consumed])
+            sample = self._decode(raw, worker, consumed)
             consumed += 1
-            self._read += 1
-            try:
-                sample = decode_sample(raw, self.opts, self.train, rng, uint8=self.task is None)
-                if self.task is not None:
-                    sample[RNG_KEY] = rng
-                    sample = self.task(sample)
-            except UserError:
-                raise
-            except Exception as exn:  # corrupt image, missing member, bad segmap: skip and count
-                self._on_error(exn, raw)
+            if sample is None:
                 continue
-            self._errors_in_a_row = 0
             batch.append(sample)
             emitted += 1
             if len(batch) == self.batch_size or emitted == quota:
@@ -455,9 +500,32 @@ class ShardStream(torch.utils.data.IterableDataset):
         if batch:
             yield self._finish(batch, worker, consumed, emitted)
 
-    def _finish(self, samples: list[dict], worker: int, consumed: int, emitted: int) -> dict:
-        batch = collate(samples, uint8_images=self.opts.uint8_transfer)
+    def _decode(self, raw: dict, worker: int, position: int) -> dict | None:
+        """The sample at `position` of this worker's raw stream, task applied; None when skipped (counted)."""
+        epoch = self.epoch if self.train else -1  # validation draws the same masks every epoch
+        rng = np.random.default_rng([self.seed, epoch + 1, self.rank, worker, position])
+        self._read += 1
+        try:
+            sample = decode_sample(raw, self.opts, self.train, rng, uint8=self.task is None)
+            if self.task is not None:
+                sample[RNG_KEY] = rng
+                sample = self.task(sample)
+        except UserError:
+            raise
+        except Exception as exn:  # corrupt image, missing member, bad segmap: skip and count
+            self._on_error(exn, raw)
+            return None
+        self._errors_in_a_row = 0
+        sample.setdefault("__bucket__", (0, 0))
+        return sample
+
+    def _finish(self, samples: list[dict], worker: int, consumed: int, emitted: int, buckets=None) -> dict:
+        batch = collate(samples, uint8_images=self.opts.uint8_transfer, buffers=self.buffers)
+        if self.buffers is not None:  # which pooled buffers the batch uses, for the main process to free
+            batch["__buffers__"] = self.buffers.slots(batch)
         batch.update(__worker__=worker, __consumed__=consumed, __emitted__=emitted)
+        if buckets is not None:  # samples waiting in the bucket buffers, and this worker's batch count
+            batch["__buckets__"] = buckets
         if self._bad_shards:  # handed to the main process with the next batch of this worker
             batch["__bad_shards__"], self._bad_shards = self._bad_shards, []
         return batch

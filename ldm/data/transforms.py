@@ -29,12 +29,16 @@ def sample_rng(sample: dict) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class CropBox:
-    """Where the square crop sits in the source image, and whether it is mirrored."""
+    """Where the crop sits in the source image (source pixels), and whether it is mirrored.
+
+    Square (`side` x `side`) unless `height` is given: then `side` is the width (aspect-ratio buckets,
+    ldm.data.buckets)."""
 
     left: float
     top: float
     side: float
     flip: bool
+    height: float | None = None  # None = square
 
 
 def choose_crop(width: int, height: int, crop: str, flip: bool, rng: np.random.Generator | None) -> CropBox:
@@ -53,11 +57,11 @@ def choose_crop(width: int, height: int, crop: str, flip: bool, rng: np.random.G
 def crop_resize(
     img: Image.Image,
     box: CropBox,
-    size: int,
+    size: int | tuple[int, int],
     resample: Image.Resampling,
     scale: float | tuple[float, float] = 1.0,
 ) -> Image.Image:
-    """Resize the crop box (in source pixels) of `img` to size x size.
+    """Resize the crop box (in source pixels) of `img` to size x size, or to (width, height).
 
     `scale`: `img`'s size over the source size, (sx, sy) per side or one number. A JPEG decoded at a draft
     scale rounds each side up on its own (a 1001 x 750 photo drafted by 1/4 is 251 x 188, not 250.25 x
@@ -69,9 +73,9 @@ def crop_resize(
         min(max(box.left * sx, 0.0), width - 1.0),
         min(max(box.top * sy, 0.0), height - 1.0),
         min((box.left + box.side) * sx, float(width)),
-        min((box.top + box.side) * sy, float(height)),
+        min((box.top + (box.side if box.height is None else box.height)) * sy, float(height)),
     )
-    out = img.resize((size, size), resample, box=b)
+    out = img.resize((size, size) if isinstance(size, int) else tuple(size), resample, box=b)
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if box.flip else out
 
 

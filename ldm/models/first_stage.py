@@ -18,7 +18,8 @@ from ldm.kinds import stage2_as_first_stage
 from ldm.models.tiling import TileSettings, tiled_decode, tiled_encode
 
 log = logging.getLogger(__name__)
-DEMO_AUTOENCODER = "outputs/autoencoder_kl/latest/model.safetensors"  # where `make demo` leaves stage 1
+# the newest experiment=autoencoder_kl run
+DEMO_AUTOENCODER = "outputs/autoencoder_kl/latest/model.safetensors"
 
 
 def _autoencoder_config(config: dict | None, path: Path) -> dict:

@@ -22,7 +22,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.errors import TrainingDiverged, UserError
 from ldm.models.autoencoder import VQModel
+from ldm.training.optim import adamw
 from ldm.training.resume_check import check_resume_state
+from ldm.training.speed import prepare_for_speed
 
 
 class LinearWarmup:
@@ -55,12 +57,22 @@ class AutoencoderModule(pl.LightningModule):
         weight_decay: float = 0.0,  # AdamW decoupled decay; 0 = Adam as in CompVis
         lr_warmup_steps: int = 0,  # linear warm-up for each optimizer from its first step
         disc_learning_rate: float | None = None,  # None: same as learning_rate
+        compile: bool = False,  # torch.compile its forward (ldm.training.speed; names unchanged)
+        compile_mode: str = "default",  # ldm.training.speed.COMPILE_MODES (inductor's modes)
+        channels_last: bool = False,  # autoencoder weights and images in NHWC memory order
+        compile_backend: str = "inductor",  # inductor; aot_eager / eager to debug a compile problem
     ) -> None:
         super().__init__()
         # Plain floats, not an OmegaConf ListConfig from Hydra: checkpoints must load with weights_only=True
         betas = tuple(float(b) for b in betas)
         self.save_hyperparameters(ignore=["autoencoder", "loss"])
-        self.autoencoder = autoencoder
+        self.autoencoder = prepare_for_speed(
+            autoencoder,
+            compile=compile,
+            compile_mode=compile_mode,
+            channels_last=channels_last,
+            compile_backend=compile_backend,
+        )
         self.loss = loss
         self.automatic_optimization = False  # two optimizers per batch (generator, discriminator)
         self.last_batch: dict[str, Any] | None = None  # the ImageLogger renders it at the end of training
@@ -172,10 +184,11 @@ class AutoencoderModule(pl.LightningModule):
             {"params": [p for p in self.autoencoder.parameters() if p.requires_grad]},
             {"params": [self.loss.logvar], "weight_decay": 0.0},  # a scalar scale, not a weight to shrink
         ]
-        opt_g = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=hp.betas, weight_decay=hp.weight_decay)
+        # ldm.training.optim.adamw: the fused kernel wherever torch has one (CUDA; CPU from torch 2.4)
+        opt_g = adamw(groups, lr=hp.learning_rate, betas=hp.betas, weight_decay=hp.weight_decay)
         disc_lr = hp.learning_rate if hp.disc_learning_rate is None else hp.disc_learning_rate
-        opt_d = torch.optim.AdamW(
-            [p for p in discriminator.parameters() if p.requires_grad],
+        opt_d = adamw(
+            [{"params": [p for p in discriminator.parameters() if p.requires_grad]}],
             lr=disc_lr,
             betas=hp.betas,
             weight_decay=hp.weight_decay,

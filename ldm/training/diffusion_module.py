@@ -20,6 +20,7 @@ from ldm.modules.ema import EMA
 from ldm.samplers.sigmas import StepSchedule
 from ldm.training.optim import build_optimizer
 from ldm.training.resume_check import check_resume_state
+from ldm.training.speed import prepare_for_speed
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ class LatentDiffusionModule(pl.LightningModule):
         refit_scale_factor: bool = False,  # with init_from: fit the latent scale anew instead of the file's
         sample_posterior: bool = True,  # KL first stage: a posterior draw per step (CompVis), or its mean
         conditioner_lr: Mapping[str, float] | None = None,  # own LR (param group) per trainable conditioner
+        compile: bool = False,  # torch.compile the UNet's forward (ldm.training.speed; names unchanged)
+        compile_mode: str = "default",  # ldm.training.speed.COMPILE_MODES (inductor's modes)
+        channels_last: bool = False,  # UNet weights and inputs in NHWC memory order
+        compile_backend: str = "inductor",  # inductor; aot_eager / eager to debug a compile problem
     ) -> None:
         super().__init__()
         self.model = LatentDiffusion(unet, conditioner, first_stage, loss, sample_posterior=sample_posterior)
@@ -58,6 +63,14 @@ class LatentDiffusionModule(pl.LightningModule):
         self.preview_cfg_scale = preview_cfg_scale
         if init_from:
             self._init_weights(init_from, refit_scale_factor)
+        # In place and name-preserving: EMA, checkpoints, exports and resume see the plain UNet names.
+        prepare_for_speed(
+            self.unet,
+            compile=compile,
+            compile_mode=compile_mode,
+            channels_last=channels_last,
+            compile_backend=compile_backend,
+        )
         self.ema = EMA(self.model, decay=ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
         self._fixed_batch: dict[str, Any] | None = None
         self._backup: list[Tensor] | None = None
@@ -302,7 +315,11 @@ class LatentDiffusionModule(pl.LightningModule):
         """Run config + the autoencoder's own config (an export rebuilds without the stage-1 file) + the pixel
         size training saw (`sample_size`, [H, W]: cached latents may be smaller than data.resolution)."""
         out = {**config, "first_stage_autoencoder": self.first_stage.autoencoder_config}
-        if self._fixed_batch is not None:
+        data = config.get("data") or {}
+        if (data.get("buckets") or {}).get("enabled") and not data.get("latents") and data.get("resolution"):
+            # aspect-ratio buckets: the first batch is one bucket of many; default to the square
+            out["sample_size"] = [int(data["resolution"])] * 2
+        elif self._fixed_batch is not None:
             h, w = self.model.latent_size(self._fixed_batch)
             f = self.first_stage.downsample_factor
             out["sample_size"] = [int(h) * f, int(w) * f]

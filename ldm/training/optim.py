@@ -53,6 +53,19 @@ def _all_cuda(groups: list[dict[str, Any]]) -> bool:
     return bool(params) and all(p.is_cuda for p in params)
 
 
+def fused_adamw_supported(groups: list[dict[str, Any]]) -> bool:
+    """Whether torch has a fused AdamW kernel for every parameter (floating point, on CUDA, or on the CPU
+    from torch 2.4; the device list is torch's own)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # older torch: CUDA only
+        devices = {"cuda"}
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
+
+
 # --- the optimizers (each: param groups, lr, its own options -> torch.optim.Optimizer) ------------------
 
 
@@ -62,17 +75,27 @@ def adamw(
     betas: tuple[float, float] = (0.9, 0.999),
     weight_decay: float = 0.0,
     eps: float = 1e-8,
+    fused: bool | None = None,
 ) -> torch.optim.Optimizer:
-    """torch AdamW (Loshchilov & Hutter 2019): fused kernels when every parameter is on CUDA, else torch's
-    own choice (foreach on CUDA; on CPU the per-tensor loop, which needs no weight-sized temporary)."""
-    fused = _all_cuda(params)
+    """torch AdamW (Loshchilov & Hutter 2019). fused=None: torch's single-kernel AdamW wherever it exists for
+    every parameter (CUDA; CPU from torch 2.4), else torch's own choice (foreach on CUDA, the per-tensor loop
+    on CPU). On the 2-core CPU the fused step of a 35M-parameter UNet takes ~1/4 of the loop's time and,
+    unlike foreach, allocates no weight-sized temporary; results agree to float rounding (~1e-7).
+    fused=true demands it (UserError where torch has none), fused=false keeps torch's own choice."""
+    supported = fused_adamw_supported(params)
+    if fused and not supported:
+        devices = sorted({p.device.type for g in params for p in g["params"]})
+        raise UserError(
+            f"model.optim.fused=true: this torch ({torch.__version__}) has no fused AdamW for parameters on "
+            f"{', '.join(devices)}; use model.optim.fused=null (fused where supported) or false."
+        )
     return torch.optim.AdamW(
         params,
         lr=lr,
         betas=tuple(betas),
         weight_decay=weight_decay,
         eps=eps,
-        fused=fused or None,
+        fused=(supported if fused is None else fused) or None,
         foreach=None,
     )
 
