@@ -98,9 +98,9 @@ def write_instance_shards(
         if isinstance(result, str):
             skipped.append(f"{path.name}: {result}")
             continue
-        ext, data = result
+        ext, data, sizes = result  # sizes: image_size / original_size, as make_shards records them
         n = len(shards)
-        meta = {"path": str(path.relative_to(root)), "caption": prompt}
+        meta = {"path": str(path.relative_to(root)), "caption": prompt, **sizes}
         sample = {"__key__": f"{n:06d}", ext: data, "txt": prompt, "json": json.dumps(meta).encode()}
         write_shard(tmp / f"instance-{n:06d}.tar", sample)
         shards.append({"name": f"instance-{n:06d}.tar", "count": 1})
