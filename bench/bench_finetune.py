@@ -300,7 +300,6 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def serve_ours(args, workdir, device, inputs, prompts, latents, ckpt, dtype, sync, profiler) -> dict:
-    import pytorch_lightning as pl
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -348,12 +347,21 @@ def serve_ours(args, workdir, device, inputs, prompts, latents, ckpt, dtype, syn
     else:
         batch = {k: inputs[k] for k in ("latent_mean", "latent_logvar")} | {"caption": prompts}
 
-    class Forever(torch.utils.data.IterableDataset):  # the same batch, as the recipe's side gets it
+    fit_driven(module, batch, StepDriver(sync, profiler, args.warmup), device, dtype)
+    params = sum(p.numel() for p in module.unet.parameters())
+    return dict(params=params, ema_updates=int(module.ema.num_updates))
+
+
+def fit_driven(module, batch: dict, driver, device, dtype: str):
+    """Train `module` under a Lightning Trainer on `batch` every step, paced by `driver` (a StepDriver);
+    returns the Trainer. Shared by this benchmark's and bench_lora's "ours" sides."""
+    import pytorch_lightning as pl
+    import torch
+
+    class Forever(torch.utils.data.IterableDataset):  # the same batch every step, as the peer gets it
         def __iter__(self):
             while True:
                 yield batch
-
-    driver = StepDriver(sync, profiler, args.warmup)
 
     class Drive(pl.Callback):
         def on_train_start(self, trainer, pl_module) -> None:
@@ -369,10 +377,8 @@ def serve_ours(args, workdir, device, inputs, prompts, latents, ckpt, dtype, syn
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         gradient_clip_val=MAX_GRAD_NORM, log_every_n_steps=10, callbacks=[Drive()],
     )  # fmt: skip
-    loader = torch.utils.data.DataLoader(Forever(), batch_size=None)
-    trainer.fit(module, train_dataloaders=loader)
-    params = sum(p.numel() for p in module.unet.parameters())
-    return dict(params=params, ema_updates=int(module.ema.num_updates))
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(Forever(), batch_size=None))
+    return trainer
 
 
 def serve_diffusers(args, workdir, device, inputs, prompts, latents, ckpt, dtype, sync, profiler) -> dict:

@@ -177,7 +177,6 @@ def serve(args: argparse.Namespace) -> None:
 
 def serve_ours_lora(args, workdir, device, inputs, prompts, dtype, sync) -> dict[str, Any]:
     """ours-lora: bench_finetune's pieces as a plain LatentDiffusion + experiment=lora's adapter set-up."""
-    import pytorch_lightning as pl
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -223,29 +222,7 @@ def serve_ours_lora(args, workdir, device, inputs, prompts, dtype, sync) -> dict
 
     batch = {"image": inputs["image"], "caption": prompts}
 
-    class Forever(torch.utils.data.IterableDataset):  # the same batch every step, as the other sides get it
-        def __iter__(self):
-            while True:
-                yield batch
-
-    driver = ft.StepDriver(sync)
-
-    class Drive(pl.Callback):
-        def on_train_start(self, trainer, pl_module) -> None:
-            reply("ready")
-            driver.wait(trainer)
-
-        def on_train_batch_end(self, trainer, *_) -> None:
-            driver.end(trainer)
-
-    # bench_finetune.serve_ours' Trainer
-    trainer = pl.Trainer(
-        accelerator=device.type, devices=1, precision="bf16-mixed" if dtype == "bf16" else "32-true",
-        max_steps=10**6, max_epochs=-1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        gradient_clip_val=ft.MAX_GRAD_NORM, log_every_n_steps=10, callbacks=[Drive()],
-    )  # fmt: skip
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(Forever(), batch_size=None))
+    trainer = ft.fit_driven(module, batch, ft.StepDriver(sync), device, dtype)  # serve_ours' Trainer
     held = sum(p.numel() for g in trainer.optimizers[0].param_groups for p in g["params"])
     return dict(
         trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
