@@ -25,10 +25,12 @@ LATENTS := $(DEMO_DIR)/latents
 TXT2IMG := $(DEMO_DIR)/txt2img/model.safetensors
 SAMPLES := $(DEMO_DIR)/samples
 # Demo length: 9 min 59 s for the whole chain on 2 quiet CPU cores (outputs/demo_summary.md). Raise the steps for
-# better models, e.g. `make demo AE_STEPS=2000 LDM_STEPS=5000 TASK_STEPS=2000`.
+# better models, e.g. `make demo AE_STEPS=2000 LDM_STEPS=5000 TASK_STEPS=2000 SR_STEPS=2000`.
 AE_STEPS   ?= 400
 LDM_STEPS  ?= 1200
 TASK_STEPS ?= 300
+# superres_pixel: pixel-space residual SR (no autoencoder); it needs more steps than the small task models
+SR_STEPS   ?= 600
 SAMPLE     := $(BIN)/python sample.py steps=25 seed=0
 # train.py into $(DEMO_DIR)/<stage>, refusing a stage folder that already holds a run
 TRAIN_INTO = test ! -e $(DEMO_DIR)/$(1) || { echo "error: $(DEMO_DIR)/$(1) exists: delete it or pass another DEMO_DIR" >&2; exit 2; }; \
@@ -71,13 +73,14 @@ demo-txt2img: install data
 	$(call TRAIN_INTO,txt2img) experiment=txt2img $(ON_LATENTS) 'data.keys=[caption,caption_emb]' \
 		trainer.max_steps=$(LDM_STEPS)
 
-# Small models for the tasks a text model cannot serve (class ids, segmentation maps, low-res images).
+# Small models for the tasks a text model cannot serve (class ids, segmentation maps, low-res images; the
+# super-resolution model works in pixel space on the bicubic upscale's residual, so it needs no autoencoder).
 demo-tasks: install data
 	$(call TRAIN_INTO,class_cond) experiment=class_cond $(ON_LATENTS) 'data.keys=[label]' \
 		trainer.max_steps=$(TASK_STEPS)
 	$(call TRAIN_INTO,semantic) experiment=semantic $(ON_LATENTS) 'data.keys=[segmap]' \
 		trainer.max_steps=$(TASK_STEPS)
-	$(call TRAIN_INTO,superres) experiment=superres first_stage_ckpt=$(AE) trainer.max_steps=$(TASK_STEPS)
+	$(call TRAIN_INTO,superres) experiment=superres_pixel trainer.max_steps=$(SR_STEPS)
 
 demo-sample: install
 	$(SAMPLE) task=txt2img ckpt=$(TXT2IMG) prompt_file=data/demo_prompts.txt n=2 out_dir=$(SAMPLES)/txt2img

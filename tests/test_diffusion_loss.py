@@ -141,3 +141,25 @@ def test_bad_options_raise_user_errors(schedule):
         DiffusionLoss(schedule, parameterization="epsilon")
     with pytest.raises(UserError, match="min_snr_gamma"):
         DiffusionLoss(schedule, min_snr_gamma=0.0)
+
+
+def test_logit_normal_timesteps_follow_their_quantiles(schedule):
+    # t = floor(T * sigmoid(n)), n ~ N(1, 1): median T * sigmoid(1) = 731; P(t < T/2) = Phi(-1) = 0.159
+    loss = DiffusionLoss(schedule, timestep_sampling="logit_normal", logit_mean=1.0, logit_std=1.0)
+    t = loss.sample_timesteps(40_000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert t.dtype == torch.int64 and int(t.min()) >= 0 and int(t.max()) <= 999
+    assert abs(t.float().median().item() - 731) < 8
+    assert abs((t < 500).float().mean().item() - 0.1587) < 0.01
+    uniform = DiffusionLoss(schedule).sample_timesteps(
+        40_000, torch.device("cpu"), torch.Generator().manual_seed(0)
+    )
+    assert abs((uniform < 500).float().mean().item() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [({"timestep_sampling": "lognormal"}, "timestep_sampling"), ({"logit_std": 0.0}, "logit_std")],
+)
+def test_bad_timestep_sampling_is_named(schedule, kwargs, named):
+    with pytest.raises(UserError, match=named):
+        DiffusionLoss(schedule, **kwargs)

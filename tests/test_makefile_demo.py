@@ -28,8 +28,10 @@ def test_every_demo_stage_reads_and_writes_one_chain_folder():
     stages = [re.search(r"paths\.output_dir=(\S+)", line).group(1) for line in trains]
     names = ("autoencoder_kl", "txt2img", "class_cond", "semantic", "superres")
     assert stages == [f"{demo}/{s}" for s in names]
-    for line in trains[1:]:  # stage 2 uses the chain's own autoencoder
+    for line in trains[1:4]:  # stage 2 uses the chain's own autoencoder
         assert f"first_stage_ckpt={demo}/autoencoder_kl/model.safetensors" in line
+    # super-resolution in pixel space: no autoencoder, so it cannot pick up a wrong one
+    assert "experiment=superres_pixel" in trains[4] and "first_stage_ckpt" not in trains[4]
     # no experiment's `latest`
     assert not [line for line in lines if re.search(r"outputs/(?!demo/)\w+/latest", line)]
     samples = [line for line in lines if "sample.py" in line]

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from train_helpers import (
     EXPERIMENTS,
+    PIXEL_SPACE,
     RESOLUTION,
     STAGE1,
     compose_train,
@@ -24,7 +25,7 @@ from ldm.interop.checkpoint import load_state_dict
 
 STEPS = 4
 # UNet input channels each recipe implies with a 4-channel latent (latent + concatenated conditions)
-UNET_IN = {"inpaint": 9, "semantic": 10, "superres": 7}
+UNET_IN = {"inpaint": 9, "semantic": 10, "superres": 7, "superres_pixel": 51}
 
 
 def test_every_experiment_file_is_covered():
@@ -42,7 +43,9 @@ def test_experiment_trains_a_few_steps(experiment, tiny_data, tiny_ae, tmp_path)
     loss_key = "train/g_loss" if experiment in STAGE1 else "train/loss"
     assert loss_key in metrics and "val/loss" in metrics, sorted(metrics)
     assert all(math.isfinite(v) for v in metrics.values()), metrics
-    if experiment not in STAGE1:  # eps-prediction starts near the noise variance
+    if experiment in PIXEL_SPACE:  # x0 of a residual scaled to std ~0.3: starts near its variance
+        assert 0.0 < metrics["train/loss"] < 1.0
+    elif experiment not in STAGE1:  # eps-prediction starts near the noise variance
         assert 0.2 < metrics["train/loss"] < 3.0
 
     # a resumable checkpoint of the final step (saved every 2 steps)
@@ -64,9 +67,14 @@ def test_experiment_trains_a_few_steps(experiment, tiny_data, tiny_ae, tmp_path)
     else:
         w_in = state["model.diffusion_model.input_blocks.0.0.weight"]
         assert w_in.shape[1] == UNET_IN.get(experiment, 4)
-        assert any(k.startswith("first_stage_model.") for k in state)
         assert torch.isfinite(state["scale_factor"]) and state["scale_factor"] > 0
-        assert config["first_stage_autoencoder"]["ddconfig"]["ch_mult"] == [1, 2]
+        if experiment in PIXEL_SPACE:  # parameter-free first stage: nothing stored but its config
+            assert not any(k.startswith("first_stage_model.") for k in state)
+            assert config["first_stage_autoencoder"]["_target_"].endswith("SpaceToDepth")
+            assert config["model"]["residual_over"] == "lowres"
+        else:
+            assert any(k.startswith("first_stage_model.") for k in state)
+            assert config["first_stage_autoencoder"]["ddconfig"]["ch_mult"] == [1, 2]
 
     # image grids: a row of 4 images (32 px; the x4 low-res inputs 8 px) with 2 px padding, not blank
     grids = sorted((run_dir / "images").glob("train_*_step000002.png"))

@@ -24,6 +24,7 @@ PYTHON = sys.executable
 FROM_BASE = ("finetune", "lora", "textual_inversion", "dreambooth")
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem not in FROM_BASE)
 STAGE1 = ("autoencoder_kl", "autoencoder_vq")
+PIXEL_SPACE = ("superres_pixel",)  # stage 2 on the lossless SpaceToDepth first stage: no first_stage_ckpt
 RESOLUTION = 32  # the tiny autoencoder (tests/ldm_fixtures.TINY_AE) has f=2: 16x16 latents
 
 _spec = importlib.util.spec_from_file_location("make_dataset", REPO / "data" / "make_dataset.py")
@@ -105,8 +106,8 @@ def tiny_overrides(
             "model.loss.disc_start=1",  # both optimizers step from the second batch on
         ]
     else:
+        out += [] if experiment in PIXEL_SPACE else [f"first_stage_ckpt={ae_path}"]
         out += [
-            f"first_stage_ckpt={ae_path}",
             "model.unet.model_channels=32",
             "model.unet.channel_mult=[1,2]",
             "model.unet.attention_resolutions=[2]",

@@ -243,6 +243,7 @@ def _build_ours(path: Path, run_config: dict, model_cfg: dict, text_encoder: str
         first_stage=codec_from_config(ae_config),
         loss=instantiate_or_user_error(cfg["loss"]),
         sample_posterior=bool(cfg.get("sample_posterior", True)),
+        residual_over=cfg.get("residual_over"),
     )
 
 

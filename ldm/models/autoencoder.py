@@ -181,3 +181,38 @@ class VQModel(_FirstStage):
         """Quantise a (diffused) latent to its nearest codes, then decode (CompVis VQModelInterface)."""
         quant, _, _ = self.quantize(z)
         return self.decode(quant)
+
+
+class SpaceToDepth(nn.Module):
+    """A parameter-free, lossless "first stage": each f x f pixel block becomes 3*f^2 latent channels.
+
+    x (B, 3, H, W) -> z (B, 3*f*f, H/f, W/f) by `pixel_unshuffle`, and back by `pixel_shuffle`, exactly.
+    With it a stage-2 model diffuses in pixel space at latent-sized compute (SR3-style super-resolution whose
+    output is not capped by an autoencoder's reconstruction error; see `LatentDiffusion(residual_over=...)`).
+    """
+
+    exact = True  # decode(encode(x)) == x: never tiled, nothing to blend
+
+    def __init__(self, factor: int = 4) -> None:
+        super().__init__()
+        if int(factor) < 1:
+            raise UserError(f"SpaceToDepth factor must be a positive integer; got {factor}.")
+        self.factor = int(factor)
+
+    @property
+    def latent_channels(self) -> int:
+        return 3 * self.factor * self.factor
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.factor
+
+    def encode_latent(
+        self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """(B, 3, H, W) -> (B, 3*f*f, H/f, W/f); H and W must be multiples of f (`sample` is ignored)."""
+        return nn.functional.pixel_unshuffle(x, self.factor)
+
+    def decode_latent(self, z: Tensor) -> Tensor:
+        """(B, 3*f*f, h, w) -> (B, 3, h*f, w*f)."""
+        return nn.functional.pixel_shuffle(z, self.factor)

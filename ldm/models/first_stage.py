@@ -113,6 +113,10 @@ class LatentCodec(nn.Module):
     def downsample_factor(self) -> int:
         return int(self.autoencoder.downsample_factor)
 
+    def _tiles(self, height: int, width: int) -> bool:
+        """Tile this image size? Never for an exact (pixel-space) first stage: there is nothing to save."""
+        return not getattr(self.autoencoder, "exact", False) and self.tiling.applies(height, width)
+
     def _require_scale(self) -> torch.Tensor:
         if not self.scale_known:
             raise RuntimeError("latent scale_factor is not set yet: call fit_scale() on a first batch")
@@ -128,7 +132,7 @@ class LatentCodec(nn.Module):
     @torch.no_grad()
     def encode_unscaled(self, pixels: torch.Tensor, sample: bool = True, generator=None) -> torch.Tensor:
         """E(x) before scaling: a posterior sample (KL) or the pre-quantisation latent (VQ)."""
-        if self.tiling.applies(*pixels.shape[-2:]):
+        if self._tiles(*pixels.shape[-2:]):
             return tiled_encode(self.autoencoder, pixels, self.tiling, sample=sample, generator=generator)
         return self.autoencoder.encode_latent(pixels, sample=sample, generator=generator)
 
@@ -147,7 +151,7 @@ class LatentCodec(nn.Module):
         """Scaled latents -> pixels in [-1,1] (not clamped); tiled when `self.tiling` says so."""
         z = latents / self._require_scale().to(latents.dtype)
         f = self.downsample_factor
-        if self.tiling.applies(z.shape[-2] * f, z.shape[-1] * f):
+        if self._tiles(z.shape[-2] * f, z.shape[-1] * f):
             return tiled_decode(self.autoencoder, z, self.tiling).to(z.dtype)
         return self.autoencoder.decode_latent(z)
 
@@ -185,3 +189,21 @@ def codec_from_config(autoencoder: dict | nn.Module, scale_factor: float | None 
 
     config = OmegaConf.to_container(autoencoder) if not isinstance(autoencoder, dict) else dict(autoencoder)
     return LatentCodec(instantiate(config), scale_factor, config)
+
+
+def space_to_depth_codec(
+    factor: int = 4, scale_factor: float | None = None, path: str | None = None
+) -> LatentCodec:
+    """Hydra entry: the lossless pixel-space first stage (`ldm.models.autoencoder.SpaceToDepth`), no file.
+
+    `path` is the config's `first_stage_ckpt`: a pixel-space model reads none, so one given is refused."""
+    if path:
+        raise UserError(
+            f"first_stage_ckpt={path} was given, but this experiment's first stage is pixel space "
+            "(SpaceToDepth: no autoencoder, nothing to load). Drop first_stage_ckpt, or pick an experiment "
+            "whose first stage is an autoencoder."
+        )
+    from ldm.models.autoencoder import SpaceToDepth
+
+    config = {"_target_": "ldm.models.autoencoder.SpaceToDepth", "factor": int(factor)}
+    return LatentCodec(SpaceToDepth(int(factor)), scale_factor, config)

@@ -4,6 +4,10 @@
     batch / user inputs --conditioner--> {context (B,L,D), concat (B,C',h,w), y (B,) | (B,D)}
     net(z_t, t, context, concat, y) = UNet(cat[z_t, concat], t, context, y) -> eps | v | x0
 
+`residual_over="lowres"` (super-resolution, as SR3/SRDiff/ResShift): the diffusion runs on z - z_up, where
+z_up encodes the bicubic upscale of the low-res input, and sampling adds z_up back; the latent scale is then
+fitted to that residual.
+
 Training (`ldm.training.diffusion_module.LatentDiffusionModule`) wraps this object with the optimizer, EMA and
 logging; `sample.py`, `ldm.pipeline.Pipeline` and the checkpoint loaders use it directly, so sampling never
 imports Lightning. State-dict names: `unet.*`, `conditioner.*`, `first_stage.autoencoder.*`,
@@ -16,8 +20,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.conditioning.base import as_image_batch, get_input
 from ldm.conditioning.conditioner import Conditioner
 from ldm.diffusion.loss import DiffusionLoss
 from ldm.diffusion.schedules import NoiseSchedule
@@ -27,6 +33,7 @@ from ldm.samplers.generate import generate_latents
 from ldm.samplers.sigmas import StepSchedule
 
 LATENT_KEYS = ("latent_mean", "latent_logvar")
+RESIDUAL_BASES = (None, "lowres")  # what `residual_over` may name
 # CompVis names of an export (and of original checkpoints) <- our names
 EXPORT_PREFIXES = (
     ("unet.", "model.diffusion_model."),
@@ -51,8 +58,15 @@ class LatentDiffusion(nn.Module):
         loss: DiffusionLoss,  # noise schedule, parameterisation (eps | v | x0) and the training objective
         sample_posterior: bool = True,  # KL first stage in training: a posterior draw (CompVis) or its mean
         unet_key: str = "model.unet",  # how the user's config names the UNet's options, for messages
+        residual_over: str | None = None,  # "lowres": diffuse z - E(bicubic upscale of batch["lowres"])
     ) -> None:
         super().__init__()
+        if residual_over not in RESIDUAL_BASES:
+            raise UserError(
+                f"model.residual_over={residual_over!r} is not one of {list(RESIDUAL_BASES)}: null diffuses "
+                "the latents themselves, lowres their residual over the bicubic upscale of the low-res input."
+            )
+        self.residual_over = residual_over
         self.unet = unet
         self.conditioner = conditioner
         self.first_stage = first_stage
@@ -125,6 +139,9 @@ class LatentDiffusion(nn.Module):
             )
         else:
             raise UserError(f"batch has neither 'image' nor latent keys {LATENT_KEYS}; got {sorted(batch)}")
+        base = self.residual_base(batch, tuple(unscaled.shape[-2:]), unscaled.device)
+        if base is not None:
+            unscaled = unscaled - base.to(unscaled.dtype)
         if not self.first_stage.scale_known:
             value = self.first_stage.fit_scale(unscaled)
             if fit_scale is not None:
@@ -182,7 +199,29 @@ class LatentDiffusion(nn.Module):
             parameterization=self.parameterization,
             device=device,
         )
-        return self.decode(z)
+        return self.decode(self.add_residual_base(z, inputs))
+
+    def add_residual_base(self, z: Tensor, inputs: Mapping[str, Any]) -> Tensor:
+        """Sampled scaled latents (B, C, h, w) -> the output's latents: + the scaled residual base
+        (`residual_over`), broadcast over B; z itself for a model that diffuses plain latents."""
+        base = self.residual_base(inputs, tuple(z.shape[-2:]), z.device)
+        if base is None:
+            return z
+        return z + self.first_stage.scale(base.expand(z.shape[0], -1, -1, -1).to(z.dtype))
+
+    def residual_base(
+        self, batch: Mapping[str, Any], latent_hw: tuple[int, int], device: torch.device | str
+    ) -> Tensor | None:
+        """Unscaled latents (B, C, h, w) of the bicubic upscale of `batch["lowres"]` (B, 3, h', w') in [-1, 1]
+        to the output's (h*f, w*f) pixels: what `residual_over="lowres"` subtracts in training and adds back
+        after sampling. None when the model diffuses plain latents."""
+        if self.residual_over is None:
+            return None
+        lowres = as_image_batch(get_input(batch, self.residual_over, self), self.residual_over).to(device)
+        f = self.first_stage.downsample_factor
+        size = (int(latent_hw[0]) * f, int(latent_hw[1]) * f)
+        upscaled = F.interpolate(lowres, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+        return self.first_stage.encode_unscaled(upscaled, sample=False)
 
     def latent_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
         """(h, w) of the latents a batch of conditioning inputs asks for."""

@@ -168,7 +168,7 @@ def run_job(loaded: LoadedModel, job: Job, settings: Settings) -> Result:
                     callback=_advance(bar),
                     device=device,
                 )
-            z = z.float()
+            z = module.add_residual_base(z.float(), job.inputs(idx))  # + E(bicubic upscale): residual SR
             _sync(device)
             timings["sample_s"] += time.perf_counter() - start
 

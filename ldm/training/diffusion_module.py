@@ -53,9 +53,17 @@ class LatentDiffusionModule(pl.LightningModule):
         compile_mode: str = "default",  # ldm.training.speed.COMPILE_MODES (inductor's modes)
         channels_last: bool = False,  # UNet weights and inputs in NHWC memory order
         compile_backend: str = "inductor",  # inductor; aot_eager / eager to debug a compile problem
+        residual_over: str | None = None,  # "lowres": diffuse the residual over the bicubic upscale (SR)
     ) -> None:
         super().__init__()
-        self.model = LatentDiffusion(unet, conditioner, first_stage, loss, sample_posterior=sample_posterior)
+        self.model = LatentDiffusion(
+            unet,
+            conditioner,
+            first_stage,
+            loss,
+            sample_posterior=sample_posterior,
+            residual_over=residual_over,
+        )
         self.optim = dict(optim)
         self.conditioner_lr = dict(conditioner_lr or {})
         self.sampler = sampler
