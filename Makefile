@@ -24,7 +24,7 @@ AE      := $(DEMO_DIR)/autoencoder_kl/model.safetensors
 LATENTS := $(DEMO_DIR)/latents
 TXT2IMG := $(DEMO_DIR)/txt2img/model.safetensors
 SAMPLES := $(DEMO_DIR)/samples
-# Demo length: 9 min 59 s for the whole chain on 2 quiet CPU cores (outputs/demo_summary.md). Raise the steps for
+# Demo length: 10-31 min for the whole chain on 2 quiet CPU cores, by machine (outputs/demo_summary.md). Raise the steps for
 # better models, e.g. `make demo AE_STEPS=2000 LDM_STEPS=5000 TASK_STEPS=2000 SR_STEPS=2000`.
 AE_STEPS   ?= 400
 LDM_STEPS  ?= 1200
