@@ -163,7 +163,7 @@ def original_state(
             "the UNet uses pooled_context (a pooled text embedding added to the time embedding), which the "
             "original UNetModel does not have, so the model cannot be written in the original layout."
         )
-    if model.residual_over is not None or getattr(model.first_stage.autoencoder, "exact", False):
+    if model.residual_over is not None or model.first_stage.exact:
         raise NoOriginalLayout(
             "the model diffuses the residual over a bicubic upscale in pixel space (residual_over / a "
             "SpaceToDepth first stage), which the original LatentDiffusion does not have."

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ldm.errors import UserError
 from ldm.interop.checkpoint import load_state_dict, strip_prefix
 from ldm.kinds import stage2_as_first_stage
+from ldm.models.autoencoder import SpaceToDepth
 from ldm.models.tiling import TileSettings, tiled_decode, tiled_encode
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,14 @@ class LatentCodec(nn.Module):
     def downsample_factor(self) -> int:
         return int(self.autoencoder.downsample_factor)
 
+    @property
+    def exact(self) -> bool:
+        """Is decode(encode(x)) == x (a pixel-space first stage such as SpaceToDepth)?"""
+        return bool(getattr(self.autoencoder, "exact", False))
+
     def _tiles(self, height: int, width: int) -> bool:
         """Tile this image size? Never for an exact (pixel-space) first stage: there is nothing to save."""
-        return not getattr(self.autoencoder, "exact", False) and self.tiling.applies(height, width)
+        return not self.exact and self.tiling.applies(height, width)
 
     def _require_scale(self) -> torch.Tensor:
         if not self.scale_known:
@@ -203,7 +209,5 @@ def space_to_depth_codec(
             "(SpaceToDepth: no autoencoder, nothing to load). Drop first_stage_ckpt, or pick an experiment "
             "whose first stage is an autoencoder."
         )
-    from ldm.models.autoencoder import SpaceToDepth
-
     config = {"_target_": "ldm.models.autoencoder.SpaceToDepth", "factor": int(factor)}
     return LatentCodec(SpaceToDepth(int(factor)), scale_factor, config)
